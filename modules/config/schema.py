@@ -1,0 +1,419 @@
+"""The one training config shared by the GUI, presets and the CLI.
+
+Pydantic v2 models were chosen over dataclasses plus a hand validator: they give nested validation,
+typed defaults, bounds and JSON round trips from one declaration, and their errors carry the key
+path that our messages need. Bump CONFIG_VERSION and add a migration when a field moves or changes
+meaning (modules/config/migrations.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from modules.config.fields import Section, option
+
+CONFIG_VERSION = 2
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelPartConfig(Section):
+    """Settings of one trainable part (the UNet or a text encoder)."""
+
+    train: bool = option(
+        True,
+        help="Put LoRA on this part and train it.",
+        tab="model",
+        label="Train",
+    )
+    learning_rate: float | None = option(
+        None,
+        help="Learning rate for this part's LoRA; empty uses optimizer.learning_rate. Text "
+        "encoders usually want 0.25x-0.5x of the UNet rate.",
+        tab="model",
+        label="Learning rate",
+        gt=0,
+    )
+    weight_dtype: Dtype = option(
+        "float32",
+        help="Dtype of the frozen base weights. bfloat16 halves memory on GPUs that support it.",
+        tab="model",
+        label="Weight dtype",
+    )
+
+
+class ModelConfig(Section):
+    family: Literal["sdxl"] = option(
+        "sdxl", help="Model family of the base model.", tab="model", label="Model family"
+    )
+    base_model: str = option(
+        "",
+        help="Base model: a local diffusers folder, a Hugging Face repo id (online only), or a "
+        ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
+        tab="model",
+        label="Base model",
+    )
+    single_file_config: str = option(
+        "",
+        help="For single-file checkpoints offline: a local diffusers folder of the same "
+        "architecture whose configs and tokenizers are used.",
+        tab="model",
+        label="Single-file config folder",
+        advanced=True,
+    )
+    unet: ModelPartConfig = Field(default_factory=ModelPartConfig)
+    text_encoder: ModelPartConfig = Field(default_factory=lambda: ModelPartConfig(train=False))
+    text_encoder_2: ModelPartConfig = Field(default_factory=lambda: ModelPartConfig(train=False))
+    train_dtype: Dtype = option(
+        "float32",
+        help="Dtype of the LoRA weights themselves. Keep float32 unless memory is very tight.",
+        tab="model",
+        label="LoRA weight dtype",
+        advanced=True,
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
+        "auto",
+        help="What the model predicts; auto reads the base model's scheduler config.",
+        tab="model",
+        label="Prediction type",
+    )
+
+
+class LoRAConfig(Section):
+    rank: int = option(
+        16,
+        help="LoRA rank (network dim): capacity and file size grow with it. 8-32 suits most "
+        "character and style LoRAs.",
+        tab="lora",
+        label="Rank",
+        ge=1,
+        le=1024,
+    )
+    alpha: float = option(
+        16.0,
+        help="LoRA alpha; the update is scaled by alpha / rank. alpha = rank keeps scale 1, "
+        "alpha = 1 needs a higher learning rate.",
+        tab="lora",
+        label="Alpha",
+        gt=0,
+    )
+    dropout: float = option(
+        0.0,
+        help="Dropout on the LoRA bottleneck; 0.05-0.1 can reduce overfitting on tiny datasets.",
+        tab="lora",
+        label="Dropout",
+        ge=0,
+        lt=1,
+    )
+    layer_preset: Literal["attn", "attn-mlp", "full"] = option(
+        "attn-mlp",
+        help="Which UNet layers get LoRA: attn = attention projections, attn-mlp adds the "
+        "feed-forward layers, full adds convolutions and projections.",
+        tab="lora",
+        label="Layer preset",
+    )
+    layer_patterns: list[str] = option(
+        [],
+        help="Custom UNet layer selection replacing the preset: substrings of module paths, or "
+        "regular expressions prefixed with 're:'. Each must match at least one layer.",
+        tab="lora",
+        label="Layer patterns",
+        advanced=True,
+    )
+    init_from: str = option(
+        "",
+        help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
+        "from; its rank and layers must match this config.",
+        tab="lora",
+        label="Continue from LoRA",
+    )
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adamw_8bit", "sgd", "adafactor", "prodigy"] = option(
+        "adamw",
+        help="Optimizer. adamw is the safe default; prodigy finds its own step size (use "
+        "learning_rate 1.0); adamw_8bit saves memory on CUDA GPUs.",
+        tab="optimizer",
+        label="Optimizer",
+    )
+    learning_rate: float = option(
+        1e-4,
+        help="Base learning rate. AdamW LoRA: 1e-4 to 4e-4; SGD needs far larger; Prodigy: 1.0.",
+        tab="optimizer",
+        label="Learning rate",
+        gt=0,
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.999),
+        help="Adam-style betas (momentum, second moment).",
+        tab="optimizer",
+        label="Betas",
+        advanced=True,
+    )
+    weight_decay: float = option(
+        0.01, help="Decoupled weight decay.", tab="optimizer", label="Weight decay", ge=0
+    )
+    eps: float = option(
+        1e-8, help="Adam epsilon.", tab="optimizer", label="Epsilon", gt=0, advanced=True
+    )
+    momentum: float = option(
+        0.9, help="SGD momentum.", tab="optimizer", label="Momentum (SGD)", ge=0, lt=1
+    )
+    nesterov: bool = option(
+        False, help="Nesterov momentum for SGD.", tab="optimizer", label="Nesterov (SGD)"
+    )
+    extra_kwargs: dict[str, Any] = option(
+        {},
+        help="Extra keyword arguments passed to the optimizer class, e.g. "
+        '{"d_coef": 0.5} for Prodigy.',
+        tab="optimizer",
+        label="Extra arguments",
+        advanced=True,
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        for beta in betas:
+            if not 0 <= beta < 1:
+                raise ValueError(f"each beta must be in [0, 1), got {beta}")
+        return betas
+
+
+class SchedulerConfig(Section):
+    name: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = option(
+        "constant",
+        help="Learning-rate schedule after warmup.",
+        tab="optimizer",
+        label="LR scheduler",
+    )
+    warmup_steps: int = option(
+        0,
+        help="Optimizer steps of linear warmup from 0 to the learning rate.",
+        tab="optimizer",
+        label="Warmup steps",
+        ge=0,
+    )
+    cycles: int = option(
+        1,
+        help="Number of restarts for cosine_with_restarts.",
+        tab="optimizer",
+        label="Cycles",
+        ge=1,
+    )
+
+
+class TrainingConfig(Section):
+    epochs: int = option(10, help="Passes over the dataset.", tab="training", label="Epochs", ge=1)
+    max_steps: int = option(
+        0,
+        help="Stop after this many optimizer steps; 0 trains for the given epochs.",
+        tab="training",
+        label="Max steps",
+        ge=0,
+    )
+    batch_size: int = option(
+        1, help="Images per micro-batch.", tab="training", label="Batch size", ge=1
+    )
+    gradient_accumulation_steps: int = option(
+        1,
+        help="Micro-batches per optimizer step; the effective batch is batch_size times this.",
+        tab="training",
+        label="Gradient accumulation",
+        ge=1,
+    )
+    max_grad_norm: float = option(
+        1.0,
+        help="Clip the gradient norm to this value; 0 disables clipping.",
+        tab="training",
+        label="Max grad norm",
+        ge=0,
+    )
+    seed: int = option(
+        42,
+        help="Seed for initialisation, noise and data order.",
+        tab="training",
+        label="Seed",
+        ge=0,
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        help="Recompute activations in the backward pass: much less memory, about 20-30% slower.",
+        tab="training",
+        label="Gradient checkpointing",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no",
+        help="Autocast precision of the forward pass. bf16 on recent GPUs; fp16 uses loss scaling.",
+        tab="training",
+        label="Mixed precision",
+    )
+    min_snr_gamma: float = option(
+        0.0,
+        help="Min-SNR-gamma loss weighting (5 is common); 0 disables it.",
+        tab="training",
+        label="Min-SNR gamma",
+        ge=0,
+    )
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop",
+        help="When a loss or gradient is NaN/inf: stop the run (naming the last good backup) or "
+        "skip the step and count it in the log.",
+        tab="training",
+        label="On NaN/inf",
+        advanced=True,
+    )
+
+
+class ConceptConfig(Section):
+    path: str = option(
+        "", help="Folder of images with same-name .txt captions.", tab="data", label="Folder"
+    )
+    repeats: int = option(
+        1, help="How often the concept is seen per epoch.", tab="data", label="Repeats", ge=1
+    )
+
+
+class DataConfig(Section):
+    concepts: list[ConceptConfig] = option(
+        [], help="Image folders to train on.", tab="data", label="Concepts"
+    )
+    resolution: int = option(
+        1024,
+        help="Training resolution in pixels (square, multiple of 64); images are resized and "
+        "center-cropped to it.",
+        tab="data",
+        label="Resolution",
+        ge=64,
+        le=4096,
+        multiple_of=64,
+    )
+
+
+class SamplingConfig(Section):
+    prompts: list[str] = option(
+        [], help="Prompts sampled during training.", tab="sampling", label="Prompts"
+    )
+    negative_prompt: str = option(
+        "", help="Negative prompt for all samples.", tab="sampling", label="Negative prompt"
+    )
+    every_n_steps: int = option(
+        0,
+        help="Sample every N optimizer steps; 0 samples only at the end.",
+        tab="sampling",
+        label="Sample every N steps",
+        ge=0,
+    )
+    steps: int = option(
+        25, help="Denoising steps per sample.", tab="sampling", label="Sampler steps", ge=1, le=1000
+    )
+    cfg_scale: float = option(
+        7.0, help="Classifier-free guidance scale.", tab="sampling", label="CFG scale", ge=0
+    )
+    seed: int = option(
+        1,
+        help="Seed of the sample noise (fixed so samples compare).",
+        tab="sampling",
+        label="Sample seed",
+        ge=0,
+    )
+    at_end: bool = option(
+        True, help="Also sample when training ends.", tab="sampling", label="Sample at end"
+    )
+
+
+class BackupConfig(Section):
+    every_n_steps: int = option(
+        0,
+        help="Write a resumable backup every N optimizer steps; 0 disables.",
+        tab="backup",
+        label="Backup every N steps",
+        ge=0,
+    )
+    keep_last: int = option(
+        2, help="How many backups to keep.", tab="backup", label="Keep last K backups", ge=1
+    )
+    on_interrupt: bool = option(
+        True,
+        help="Write a backup when the run is interrupted with Ctrl-C.",
+        tab="backup",
+        label="Backup on Ctrl-C",
+    )
+
+
+class OutputConfig(Section):
+    workspace_dir: str = option(
+        "workspace/run",
+        help="Folder for backups, samples, logs and the saved config.",
+        tab="backup",
+        label="Workspace",
+    )
+    output_path: str = option(
+        "",
+        help="Where the final LoRA goes; empty means <workspace>/<name>.safetensors.",
+        tab="backup",
+        label="Output path",
+    )
+    name: str = option(
+        "lora",
+        help="Name of the LoRA (file name and ss_output_name).",
+        tab="backup",
+        label="Name",
+        min_length=1,
+    )
+    format: Literal["kohya", "diffusers"] = option(
+        "kohya",
+        help="kohya: lora_unet_/lora_te1_ keys loadable by A1111, Forge, ComfyUI and diffusers; "
+        "diffusers: PEFT layout (unet.<path>.lora_A.weight).",
+        tab="backup",
+        label="Output format",
+    )
+    save_dtype: Dtype = option(
+        "float16",
+        help="Precision of the saved LoRA weights; float16 halves the file, float32 keeps "
+        "every bit (alpha is always stored in float32).",
+        tab="backup",
+        label="Save precision",
+        advanced=True,
+    )
+    save_every_n_steps: int = option(
+        0,
+        help="Also save an intermediate LoRA every N steps; 0 disables.",
+        tab="backup",
+        label="Save every N steps",
+        ge=0,
+    )
+    trigger_phrase: str = option(
+        "",
+        help="Trigger phrase written into the file's metadata.",
+        tab="backup",
+        label="Trigger phrase",
+    )
+
+
+class TrainConfig(Section):
+    """The whole training config; every saved file carries its config_version."""
+
+    config_version: int = CONFIG_VERSION
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    backup: BackupConfig = Field(default_factory=BackupConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> TrainConfig:
+        parts = (self.model.unet, self.model.text_encoder, self.model.text_encoder_2)
+        if not any(part.train for part in parts):
+            raise ValueError(
+                "nothing to train: set model.unet.train, model.text_encoder.train or "
+                "model.text_encoder_2.train to true"
+            )
+        return self

@@ -1,0 +1,156 @@
+"""The SDXL family: base model parts, the epsilon / v-prediction training loss, and sampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers.training_utils import compute_snr
+from torch import nn
+
+from modules.config.schema import TrainConfig
+from modules.lora.network import LoRATarget
+from modules.models.base import Batch, FileIdentity
+from modules.models.sdxl_layers import sdxl_lora_targets
+from modules.models.sdxl_loading import DTYPES, load_sdxl_pipeline
+
+TRAINABLE_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class SDXLBase(nn.Module):
+    """The frozen SDXL parts as one module, so devices, dtypes and DDP handle them together."""
+
+    def __init__(self, pipe: StableDiffusionXLPipeline, *, prediction_type: str) -> None:
+        super().__init__()
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.text_encoder_2 = pipe.text_encoder_2
+        self.tokenizer = pipe.tokenizer
+        self.tokenizer_2 = pipe.tokenizer_2
+        self.noise_scheduler = pipe.scheduler
+        self.prediction_type = prediction_type
+
+
+class SDXLFamily:
+    name = "sdxl"
+    identity = FileIdentity(
+        base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora"
+    )
+    latent_multiple = 64
+
+    def load(self, config: TrainConfig) -> SDXLBase:
+        pipe = load_sdxl_pipeline(config.model)
+        prediction_type = config.model.prediction_type
+        if prediction_type == "auto":
+            prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        base = SDXLBase(pipe, prediction_type=prediction_type)
+        base.requires_grad_(False)
+        for part in TRAINABLE_PARTS:
+            module, dtype = getattr(base, part), DTYPES[getattr(config.model, part).weight_dtype]
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+        if base.vae.dtype != torch.float32:
+            base.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
+        return base
+
+    def lora_targets(
+        self, model: SDXLBase, config: TrainConfig
+    ) -> list[tuple[LoRATarget, list[str]]]:
+        return sdxl_lora_targets(
+            unet=model.unet,
+            text_encoder=model.text_encoder,
+            text_encoder_2=model.text_encoder_2,
+            train_parts={p for p in TRAINABLE_PARTS if getattr(config.model, p).train},
+            layer_preset=config.lora.layer_preset,
+            layer_patterns=config.lora.layer_patterns,
+        )
+
+    def enable_gradient_checkpointing(self, model: SDXLBase) -> None:
+        model.unet.enable_gradient_checkpointing()
+        for encoder in (model.text_encoder, model.text_encoder_2):
+            encoder.gradient_checkpointing_enable()
+
+    def encode_prompts(
+        self, model: SDXLBase, captions: list[str], *, with_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate hidden states of both CLIPs concatenated, and the pooled CLIP-G embedding."""
+        device = model.unet.device
+        hidden, pooled = [], None
+        with torch.set_grad_enabled(with_grad):
+            for tokenizer, encoder in (
+                (model.tokenizer, model.text_encoder),
+                (model.tokenizer_2, model.text_encoder_2),
+            ):
+                ids = tokenizer(
+                    captions,
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(device)
+                out = encoder(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                if encoder is model.text_encoder_2:
+                    pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    def training_loss(
+        self, model: SDXLBase, batch: Batch, *, generator: torch.Generator, config: TrainConfig
+    ) -> torch.Tensor:
+        device, unet_dtype = model.unet.device, model.unet.dtype
+        with torch.no_grad():
+            pixels = batch.pixels.to(device, torch.float32)
+            latent_dist = model.vae.encode(pixels).latent_dist
+            # noise drawn on the CPU generator: identical streams on every device, exact resume
+            eps = torch.randn(latent_dist.mean.shape, generator=generator).to(device)
+            latents = (latent_dist.mean + latent_dist.std * eps) * model.vae.config.scaling_factor
+        train_te = config.model.text_encoder.train or config.model.text_encoder_2.train
+        prompt_embeds, pooled = self.encode_prompts(model, batch.captions, with_grad=train_te)
+
+        scheduler = model.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        ).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = (
+            noise
+            if model.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
+
+        height, width = batch.pixels.shape[-2:]
+        target_size = torch.tensor([height, width]).expand(latents.shape[0], 2)
+        time_ids = torch.cat([batch.original_sizes, batch.crop_top_lefts, target_size], dim=1)
+        prediction = model.unet(
+            noisy.to(unet_dtype),
+            timesteps,
+            encoder_hidden_states=prompt_embeds.to(unet_dtype),
+            added_cond_kwargs={
+                "text_embeds": pooled.to(unet_dtype),
+                "time_ids": time_ids.to(device, unet_dtype),
+            },
+        ).sample
+
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        gamma = config.training.min_snr_gamma
+        if gamma > 0:
+            snr = compute_snr(scheduler, timesteps)
+            clipped = torch.clamp(snr, max=gamma)
+            weight = clipped / snr if model.prediction_type == "epsilon" else clipped / (snr + 1)
+            loss = loss * weight
+        return loss.mean()
+
+    def sampling_pipeline(self, model: SDXLBase) -> StableDiffusionXLPipeline:
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2,
+            unet=model.unet,
+            scheduler=EulerDiscreteScheduler.from_config(model.noise_scheduler.config),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

@@ -1,0 +1,116 @@
+"""Build a tiny, randomly initialised SDXL-shaped base model as a diffusers folder.
+
+The demo and the tests use it so nothing is downloaded: the folder has the same layout as
+`stabilityai/stable-diffusion-xl-base-1.0` and goes through the same loader a user's model does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TEXT_HIDDEN = 32
+POOLED_DIM = 32
+TIME_EMBED_DIM = 8
+
+
+def _byte_level_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary is just the 256 byte symbols (plus word ends)."""
+    symbols = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]:
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _text_config(*, vocab_size: int, seed_hidden: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=seed_hidden,
+        intermediate_size=2 * seed_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=POOLED_DIM,
+        hidden_act="gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def build_tiny_sdxl(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny SDXL diffusers folder (UNet, 2 CLIP encoders, tokenizers, VAE, scheduler)."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = _byte_level_clip_tokenizer()
+    vocab_size = len(tokenizer)
+    text_encoder = CLIPTextModel(_text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN)
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        transformer_layers_per_block=1,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    text_encoder_2.save_pretrained(path / "text_encoder_2")
+    tokenizer.save_pretrained(path / "tokenizer")
+    tokenizer.save_pretrained(path / "tokenizer_2")
+    scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(_MODEL_INDEX)
+    return path
+
+
+_MODEL_INDEX = """{
+  "_class_name": "StableDiffusionXLPipeline",
+  "_diffusers_version": "0.42.1",
+  "force_zeros_for_empty_prompt": true,
+  "scheduler": ["diffusers", "DDPMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}
+"""

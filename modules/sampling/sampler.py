@@ -1,0 +1,51 @@
+"""Sample images with the LoRA applied, without touching the training RNG streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modules.config.schema import SamplingConfig
+from modules.models.base import ModelFamily
+
+
+def write_samples(
+    *,
+    family: ModelFamily,
+    base: torch.nn.Module,
+    config: SamplingConfig,
+    resolution: int,
+    folder: Path,
+) -> list[Path]:
+    """Render every prompt with a fixed seed into `folder`; returns the image paths."""
+    if not config.prompts:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = family.sampling_pipeline(base)
+    device = base.unet.device
+    was_training = base.training
+    written = []
+    devices = [device] if device.type == "cuda" else []
+    # fork_rng: dropout and anything else drawing from the global stream stay as they were,
+    # so a run that samples resumes exactly like one that does not.
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        base.eval()
+        try:
+            for index, prompt in enumerate(config.prompts):
+                generator = torch.Generator("cpu").manual_seed(config.seed + index)
+                image = pipe(
+                    prompt=prompt,
+                    negative_prompt=config.negative_prompt or None,
+                    num_inference_steps=config.steps,
+                    guidance_scale=config.cfg_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images[0]
+                path = folder / f"{index:02d}.png"
+                image.save(path)
+                written.append(path)
+        finally:
+            base.train(was_training)
+    return written

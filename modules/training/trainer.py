@@ -1,0 +1,315 @@
+"""The training run: set up, loop over micro-batches, log, sample, back up, save.
+
+Reads top to bottom like a diffusers training example; the update itself lives in
+GradientPipeline, backups in backup.py, data order in data_order.py and the family-specific math
+in modules/models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+from tqdm.auto import tqdm
+
+from modules.config.loading import config_to_json, save_config
+from modules.config.schema import TrainConfig
+from modules.data.image_folder import load_batch, scan_concepts
+from modules.errors import RunError
+from modules.lora.formats import build_metadata, load_lora_into, save_lora
+from modules.lora.network import LoRANetwork
+from modules.models.base import Batch, ModelFamily, get_family
+from modules.models.sdxl_loading import DTYPES
+from modules.sampling.sampler import write_samples
+from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
+from modules.training.data_order import DataOrder
+from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
+from modules.training.optimizers import create_optimizer, create_scheduler
+from modules.training.run_log import RunLog
+from modules.training.stop import StopSignal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    workspace: Path
+    output: Path
+    samples: Path
+    logs: Path
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> RunPaths:
+        workspace = Path(config.output.workspace_dir).expanduser()
+        default_output = workspace / f"{config.output.name}.safetensors"
+        return cls(
+            workspace=workspace,
+            output=Path(config.output.output_path or default_output).expanduser(),
+            samples=workspace / "samples",
+            logs=workspace / "logs",
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    paths: RunPaths
+    steps: int
+    interrupted: bool
+    last_backup: Path | None
+
+
+class TrainingModel(nn.Module):
+    """Base model plus LoRA network as one module, so accelerate/DDP see the trainable params."""
+
+    def __init__(
+        self, *, family: ModelFamily, base: nn.Module, network: LoRANetwork, config: TrainConfig
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.network = network
+        self._family = family
+        self._config = config
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return self._family.training_loss(
+            self.base, batch, generator=generator, config=self._config
+        )
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+class TrainingRun:
+    """One run of a config; `run()` trains until done or until the StopSignal is set."""
+
+    def __init__(
+        self, config: TrainConfig, *, resume: str | None = None, resume_latest: bool = False
+    ) -> None:
+        self.config = config
+        self.paths = RunPaths.from_config(config)
+        self.samples = scan_concepts(config.data)  # bad data fails here, before any model loads
+        resume_path = (
+            find_backup(self.paths.workspace, resume) if (resume or resume_latest) else None
+        )
+        # AcceleratorState is a process-wide singleton; each run (tests, the GUI) sets its own
+        # precision, keeping the distributed PartialState that `accelerate launch` set up.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
+        torch.manual_seed(config.training.seed)
+        self.family = get_family(config.model.family)
+        self.base = self.family.load(config)
+        self.network = self._build_network()
+        self.data = DataOrder(
+            self.samples,
+            batch_size=config.training.batch_size,
+            seed=config.training.seed,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
+        self.total_steps = config.training.max_steps or math.ceil(
+            config.training.epochs
+            * self.data.micro_per_epoch
+            / config.training.gradient_accumulation_steps
+        )
+        model = TrainingModel(
+            family=self.family, base=self.base, network=self.network, config=config
+        )
+        optimizer = create_optimizer(config.optimizer, self._param_groups())
+        scheduler = create_scheduler(config.scheduler, optimizer, total_steps=self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.pipeline = GradientPipeline(
+            accelerator=self.accelerator,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=scheduler,
+            parameters=list(self.network.parameters()),
+            accumulation_steps=config.training.gradient_accumulation_steps,
+            max_grad_norm=config.training.max_grad_norm,
+        )
+        self.state = TrainingState(
+            network=self.network,
+            optimizer=self.optimizer,
+            scheduler=scheduler,
+            noise_generator=torch.Generator().manual_seed(config.training.seed),
+            progress=Progress(),
+            scaler=self.accelerator.scaler,
+        )
+        self.config_json = config_to_json(config)
+        self.last_backup: Path | None = None
+        if resume_path is not None:
+            read_backup(self.state, resume_path)
+            self.last_backup = resume_path
+            log.info("resumed from %s at step %d", resume_path, self.state.progress.step)
+
+    def _build_network(self) -> LoRANetwork:
+        config = self.config
+        network = LoRANetwork.inject(
+            self.family.lora_targets(self.base, config),
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+        )
+        network.to(dtype=DTYPES[config.model.train_dtype])
+        if config.lora.init_from:
+            load_lora_into(network, config.lora.init_from)
+        if config.training.gradient_checkpointing:
+            self.family.enable_gradient_checkpointing(self.base)
+        self.base.train()
+        return network
+
+    def _param_groups(self) -> list[dict]:
+        groups = []
+        for part in self.network.parts():
+            lr = (
+                getattr(self.config.model, part).learning_rate
+                or self.config.optimizer.learning_rate
+            )
+            groups.append({"params": self.network.parameters_of(part), "lr": lr, "name": part})
+        return groups
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, stop: StopSignal | None = None) -> RunResult:
+        stop = stop or StopSignal()
+        progress = self.state.progress
+        main = self.accelerator.is_main_process
+        if main:
+            save_config(self.config, self.paths.workspace / "config.json")
+            print(
+                f"training {len(self.network.adapters)} LoRA layers for {self.total_steps} steps "
+                f"({len(self.samples)} images, {self.data.micro_per_epoch} micro-batches/epoch)",
+                flush=True,
+            )
+        run_log = RunLog(
+            logs_dir=self.paths.logs,
+            total_steps=self.total_steps,
+            initial_step=progress.step,
+            enabled=main,
+            bar_factory=tqdm,
+        )
+        with stop.installed():
+            while progress.step < self.total_steps and not stop.requested:
+                epoch, chosen = self.data.micro_batch(progress.micro_batches)
+                batch = load_batch(chosen, resolution=self.config.data.resolution)
+                progress.micro_batches += 1
+                if batch is None:
+                    continue
+                with self.pipeline.micro_batch():
+                    loss = self.model(batch, self.state.noise_generator)
+                self.pipeline.backward(loss)
+                if self.pipeline.ready:
+                    outcome = self.pipeline.step()
+                    progress.step += 1
+                    self._check_finite(outcome)
+                    lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+                    run_log.step(
+                        step=progress.step,
+                        epoch=epoch,
+                        outcome=outcome,
+                        lrs=lrs,
+                        skipped=progress.skipped_steps,
+                    )
+                    self._periodic(progress.step)
+        run_log.close()
+        if stop.requested and progress.step < self.total_steps:
+            if self.config.backup.on_interrupt:
+                self.backup()
+            return self._result(interrupted=True)
+        self.save(self.paths.output)
+        if self.config.sampling.at_end:
+            self.sample(progress.step)
+        self.accelerator.end_training()
+        return self._result(interrupted=False)
+
+    def _check_finite(self, outcome: StepOutcome) -> None:
+        if outcome.finite:
+            return
+        step = self.state.progress.step
+        if self.config.training.on_nonfinite == "skip":
+            self.state.progress.skipped_steps += 1
+            return
+        where = f"last good backup: {self.last_backup}" if self.last_backup else "no backup yet"
+        raise RunError(
+            f"non-finite loss or gradient at step {step} (loss={outcome.loss}, grad norm="
+            f"{outcome.grad_norm}); {where}. Lower optimizer.learning_rate or set "
+            "training.on_nonfinite=skip"
+        )
+
+    def _periodic(self, step: int) -> None:
+        config = self.config
+        if step < self.total_steps and _every(step, config.sampling.every_n_steps):
+            self.sample(step)
+        if step < self.total_steps and _every(step, config.output.save_every_n_steps):
+            name = f"{config.output.name}-step{step:06d}.safetensors"
+            self.save(self.paths.workspace / "saves" / name)
+        if _every(step, config.backup.every_n_steps):
+            self.backup()
+
+    def _result(self, *, interrupted: bool) -> RunResult:
+        return RunResult(
+            paths=self.paths,
+            steps=self.state.progress.step,
+            interrupted=interrupted,
+            last_backup=self.last_backup,
+        )
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def backup(self) -> None:
+        if self.accelerator.is_main_process:
+            self.last_backup = write_backup(
+                self.state,
+                workspace=self.paths.workspace,
+                config_json=self.config_json,
+                keep_last=self.config.backup.keep_last,
+            )
+
+    def save(self, path: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        config = self.config
+        metadata = build_metadata(
+            config_json=self.config_json,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            base_model_version=self.family.identity.base_model_version,
+            architecture=self.family.identity.architecture,
+            title=config.output.name,
+            resolution=config.data.resolution,
+            trigger_phrase=config.output.trigger_phrase,
+        )
+        save_lora(
+            self.network,
+            path,
+            layout=config.output.format,
+            metadata=metadata,
+            dtype=DTYPES[config.output.save_dtype],
+        )
+
+    def sample(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            write_samples(
+                family=self.family,
+                base=self.base,
+                config=self.config.sampling,
+                resolution=self.config.data.resolution,
+                folder=self.paths.samples / f"{step:06d}",
+            )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | None = None,
+    resume_latest: bool = False,
+    stop: StopSignal | None = None,
+) -> RunResult:
+    """Train a LoRA as configured; `resume`/`resume_latest` continue from a backup."""
+    return TrainingRun(config, resume=resume, resume_latest=resume_latest).run(stop)

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny SDXL base model and a tiny captioned dataset, built offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest
+import torch
+
+from modules.data.demo_dataset import write_demo_dataset
+from modules.models.tiny_sdxl import build_tiny_sdxl
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers folder of a randomly initialised ~1M-parameter SDXL-shaped model."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 64x64 images with .txt captions."""
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "concept", count=4, size=64)

@@ -1,0 +1,101 @@
+"""scripts/train.py as a user runs it: exit codes, one-line errors, Ctrl-C, --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modules.config.loading import load_config
+from tests.helpers import REPO, run_cli, tiny_config
+
+
+def _write(path: Path, raw: dict) -> Path:
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    return path
+
+
+def test_print_config_shows_the_resolved_config(tmp_path: Path) -> None:
+    preset = _write(tmp_path / "p.json", {"lora": {"rank": 8}})
+    result = run_cli(
+        "--config-path", str(preset), "--set", "training.batch_size=3", "--print-config"
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["lora"]["rank"] == 8 and shown["training"]["batch_size"] == 3
+    assert shown["config_version"] == 2 and shown["optimizer"]["name"] == "adamw"
+
+
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    preset = _write(tmp_path / "p.json", {"training": {"batchsize": 2}})
+    result = run_cli("--config-path", str(preset), "--print-config")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: {preset}: unknown key 'training.batchsize' (did you mean 'training.batch_size'?)"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_override_value_exit_code_2(tmp_path: Path) -> None:
+    preset = _write(tmp_path / "p.json", {})
+    result = run_cli("--config-path", str(preset), "--set", "lora.rank=0", "--print-config")
+    assert result.returncode == 2
+    assert "lora.rank = 0 is out of range; allowed: >= 1 and <= 1024" in result.stderr
+
+
+def test_missing_dataset_exit_code_2(tmp_path: Path, tiny_sdxl_path: Path) -> None:
+    raw = tiny_config(tiny_sdxl_path, tmp_path / "nowhere", tmp_path / "ws")
+    result = run_cli("--config-path", str(_write(tmp_path / "p.json", raw)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.concepts.0.path: folder")
+
+
+def test_ctrl_c_writes_a_backup_and_resume_finishes(
+    tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    workspace = tmp_path / "ws"
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, training={"max_steps": 10_000})
+    preset = _write(tmp_path / "p.json", raw)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--config-path", str(preset)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 180
+    for line in process.stdout:
+        if line.startswith("training ") and "LoRA layers" in line:
+            break
+        assert time.monotonic() < deadline, "training never started"
+    time.sleep(2)  # let it take a few steps
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "interrupted at step" in output and "Traceback" not in output
+    backups = sorted((workspace / "backups").iterdir())
+    assert len(backups) == 1 and (backups[0] / "state.pt").is_file()
+    stopped_at = int(backups[0].name.removeprefix("step-"))
+    assert stopped_at >= 1
+
+    result = run_cli(
+        "--config-path", str(preset), "--set", f"training.max_steps={stopped_at + 1}", "--resume"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (workspace / "test-lora.safetensors").is_file()
+    assert load_config(workspace / "config.json").training.max_steps == stopped_at + 1
+
+
+def test_resume_without_backups_is_a_user_error(tmp_path: Path, tiny_dataset_path: Path) -> None:
+    raw = tiny_config(tmp_path / "m", tiny_dataset_path, tmp_path / "ws")
+    result = run_cli("--config-path", str(_write(tmp_path / "p.json", raw)), "--resume")
+    assert result.returncode == 2
+    assert "--resume: no backups in" in result.stderr
