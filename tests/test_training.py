@@ -251,3 +251,46 @@ def test_bf16_mixed_precision_runs_on_cpu(
     result = train(load_config(raw=raw))
     weights = load_file(result.paths.output)
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_continue_training_from_a_saved_lora(
+    layout: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    first = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path / "first",
+        training={"max_steps": 2},
+        output={"format": layout, "save_dtype": "float32"},
+    )
+    saved = train(load_config(raw=first)).paths.output
+    second = tiny_config(
+        tiny_sdxl_path, tiny_dataset_path, tmp_path / "second", lora={"init_from": str(saved)}
+    )
+    run = TrainingRun(load_config(raw=second))
+    reference = TrainingRun(load_config(raw=first))
+    from modules.lora.formats import load_lora_into
+
+    load_lora_into(reference.network, saved)
+    for name, adapter in run.network.adapters.items():
+        expected = reference.network.adapters[name].merged_delta_weight()
+        torch.testing.assert_close(adapter.merged_delta_weight(), expected, rtol=1e-5, atol=1e-7)
+    assert any(a.lora_up.weight.abs().max() > 0 for a in run.network.adapters.values())
+
+
+def test_continue_from_a_lora_of_another_rank_names_the_key(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    first = tiny_config(
+        tiny_sdxl_path, tiny_dataset_path, tmp_path / "a", training={"max_steps": 1}
+    )
+    saved = train(load_config(raw=first)).paths.output
+    second = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path / "b",
+        lora={"rank": 8, "alpha": 8, "init_from": str(saved)},
+    )
+    with pytest.raises(UserError, match=r"key 'lora_unet_.*' has shape .*rank"):
+        TrainingRun(load_config(raw=second))
