@@ -294,3 +294,13 @@ def test_continue_from_a_lora_of_another_rank_names_the_key(
     )
     with pytest.raises(UserError, match=r"key 'lora_unet_.*' has shape .*rank"):
         TrainingRun(load_config(raw=second))
+
+
+def test_bad_optimizer_extra_kwargs_is_a_user_error(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(
+        tiny_sdxl_path, tiny_dataset_path, tmp_path, optimizer={"extra_kwargs": {"warp": 9}}
+    )
+    with pytest.raises(UserError, match=r"optimizer.extra_kwargs \['warp'\] rejected by adamw"):
+        TrainingRun(load_config(raw=raw))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,80 +12,51 @@ from modules.config.schema import OptimizerConfig, SchedulerConfig
 from modules.errors import UserError
 
 
-def _adamw(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        groups,
-        lr=config.learning_rate,
-        betas=config.betas,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        **config.extra_kwargs,
-    )
-
-
-def _sgd(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        groups,
-        lr=config.learning_rate,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-        **config.extra_kwargs,
-    )
-
-
-def _adafactor(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def _adafactor_class() -> type[torch.optim.Optimizer]:
     from transformers.optimization import Adafactor
 
-    kwargs = {
-        "scale_parameter": False,
-        "relative_step": False,
-        "warmup_init": False,
-        **config.extra_kwargs,
-    }
-    return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay, **kwargs)
+    return Adafactor
 
 
-def _prodigy(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def _prodigy_class() -> type[torch.optim.Optimizer]:
     from prodigyopt import Prodigy
 
-    return Prodigy(
-        groups,
-        lr=config.learning_rate,
-        betas=config.betas,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        **config.extra_kwargs,
-    )
+    return Prodigy
 
 
-def _adamw_8bit(config: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def _adamw_8bit_class() -> type[torch.optim.Optimizer]:
     if not torch.cuda.is_available():
         raise UserError(
-            "optimizer.name 'adamw_8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' on this machine"
+            "optimizer.name 'adamw_8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' here"
         )
     try:
         import bitsandbytes
     except ImportError as error:
         raise UserError(
-            f"optimizer.name 'adamw_8bit' needs bitsandbytes ({error}); install requirements-gpu.txt or use 'adamw'"
+            f"optimizer.name 'adamw_8bit' needs bitsandbytes ({error}); "
+            "pip install -r requirements-gpu.txt, or use 'adamw'"
         ) from None
-    return bitsandbytes.optim.AdamW8bit(
-        groups,
-        lr=config.learning_rate,
-        betas=config.betas,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        **config.extra_kwargs,
-    )
+    return bitsandbytes.optim.AdamW8bit
 
 
-OPTIMIZERS = {
-    "adamw": _adamw,
-    "adamw_8bit": _adamw_8bit,
-    "sgd": _sgd,
-    "adafactor": _adafactor,
-    "prodigy": _prodigy,
+def _adam_like(config: OptimizerConfig) -> dict[str, Any]:
+    return {"betas": config.betas, "eps": config.eps}
+
+
+# name -> (optimizer class, the config fields it takes besides lr and weight_decay)
+OPTIMIZERS: dict[
+    str,
+    tuple[Callable[[], type[torch.optim.Optimizer]], Callable[[OptimizerConfig], dict[str, Any]]],
+] = {
+    "adamw": (lambda: torch.optim.AdamW, _adam_like),
+    "adamw_8bit": (_adamw_8bit_class, _adam_like),
+    "prodigy": (_prodigy_class, _adam_like),
+    "sgd": (lambda: torch.optim.SGD, lambda c: {"momentum": c.momentum, "nesterov": c.nesterov}),
+    # fixed learning rate: Adafactor's own relative-step schedule would fight the LR scheduler
+    "adafactor": (
+        _adafactor_class,
+        lambda c: {"scale_parameter": False, "relative_step": False, "warmup_init": False},
+    ),
 }
 
 
@@ -92,12 +64,17 @@ def create_optimizer(
     config: OptimizerConfig, groups: list[dict[str, Any]]
 ) -> torch.optim.Optimizer:
     """Build the configured optimizer over parameter groups (each may carry its own `lr`)."""
+    optimizer_class, fields = OPTIMIZERS[config.name]
+    kwargs = {**fields(config), **config.extra_kwargs}
     try:
-        return OPTIMIZERS[config.name](config, groups)
+        return optimizer_class()(
+            groups, lr=config.learning_rate, weight_decay=config.weight_decay, **kwargs
+        )
     except TypeError as error:
         if config.extra_kwargs:
             raise UserError(
-                f"optimizer.extra_kwargs {sorted(config.extra_kwargs)} rejected by {config.name}: {error}"
+                f"optimizer.extra_kwargs {sorted(config.extra_kwargs)} rejected by "
+                f"{config.name}: {error}"
             ) from None
         raise
 
