@@ -99,3 +99,26 @@ def test_resume_without_backups_is_a_user_error(tmp_path: Path, tiny_dataset_pat
     result = run_cli("--config-path", str(_write(tmp_path / "p.json", raw)), "--resume")
     assert result.returncode == 2
     assert "--resume: no backups in" in result.stderr
+
+
+def test_accelerate_launch_two_processes(
+    tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    """Multi-process DDP through `accelerate launch` (gloo on CPU here, NCCL on GPUs)."""
+    workspace = tmp_path / "ws"
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, training={"max_steps": 2})
+    preset = _write(tmp_path / "p.json", raw)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = subprocess.run(
+        [*launcher, str(REPO / "scripts" / "train.py"), "--config-path", str(preset)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("training 40 LoRA layers") == 1  # only the main process reports
+    assert (workspace / "test-lora.safetensors").is_file()
