@@ -29,13 +29,19 @@ def tiny_config(
     return raw
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_cli(
+    *args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run scripts/train.py as a user would (optionally through a launcher such as accelerate)."""
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        [*launcher, str(REPO / "scripts" / "train.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=cli_env(**env),
         cwd=REPO,
     )

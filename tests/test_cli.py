@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 from modules.config.loading import load_config
-from tests.helpers import REPO, run_cli, tiny_config
+from tests.helpers import REPO, cli_env, run_cli, tiny_config
 
 
 def _write(path: Path, raw: dict) -> Path:
@@ -61,13 +60,12 @@ def test_ctrl_c_writes_a_backup_and_resume_finishes(
     workspace = tmp_path / "ws"
     raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, training={"max_steps": 10_000})
     preset = _write(tmp_path / "p.json", raw)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train.py"), "--config-path", str(preset)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=cli_env(),
         cwd=REPO,
     )
     assert process.stdout is not None
@@ -108,17 +106,10 @@ def test_accelerate_launch_two_processes(
     workspace = tmp_path / "ws"
     raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, training={"max_steps": 2})
     preset = _write(tmp_path / "p.json", raw)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run(
-        [*launcher, str(REPO / "scripts" / "train.py"), "--config-path", str(preset)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu")
+    launcher += ("--num_processes", "2", "--num_machines", "1")
+    launcher += ("--mixed_precision", "no", "--dynamo_backend", "no")
+    result = run_cli("--config-path", str(preset), launcher=launcher, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("training 40 LoRA layers") == 1  # only the main process reports
     assert (workspace / "test-lora.safetensors").is_file()

@@ -65,15 +65,11 @@ def build_metadata(
 def peft_module_key(network: LoRANetwork, name: str) -> str:
     """`<part>.<module path>` as diffusers names the layer of adapter `name`.
 
-    CLIP layers always get the `text_model.` wrapper that kohya names carry: transformers 5 dropped
-    it from CLIPTextModel (diffusers then strips it) but not from CLIPTextModelWithProjection, and
-    older loaders need it for both.
+    The path is the exported one, so CLIP layers carry the `text_model.` wrapper that kohya names
+    have: transformers 5 dropped it from CLIPTextModel (diffusers then strips it) but not from
+    CLIPTextModelWithProjection, and older loaders need it for both.
     """
-    path = network.module_path[name]
-    flat = path.replace(".", "_")
-    if not path.startswith("text_model.") and name.endswith(f"text_model_{flat}"):
-        path = f"text_model.{path}"
-    return f"{network.part_of[name]}.{path}"
+    return f"{network.part_of[name]}.{network.export_path[name]}"
 
 
 def _to_file(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -70,11 +70,13 @@ class LoRANetwork(nn.Module):
         *,
         part_of: dict[str, str],
         module_path: dict[str, str],
+        export_path: dict[str, str],
     ) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict({adapter.name: adapter for adapter in adapters})
         self.part_of = part_of  # adapter name -> model part ("unet", "text_encoder", ...)
         self.module_path = module_path  # adapter name -> module path inside its part
+        self.export_path = export_path  # adapter name -> that path as kohya/diffusers files name it
 
     @classmethod
     def inject(
@@ -86,10 +88,11 @@ class LoRANetwork(nn.Module):
         dropout: float,
     ) -> LoRANetwork:
         """Create and attach adapters on every layer selected by the patterns of each target."""
-        adapters, part_of, module_path = [], {}, {}
+        adapters, part_of, module_path, export_path = [], {}, {}, {}
         for target, patterns in targets:
             for path, module in select_layers(target.model, patterns=patterns, part=target.part):
-                name = f"{target.kohya_prefix}_{target.kohya_path(path).replace('.', '_')}"
+                exported = target.kohya_path(path)
+                name = f"{target.kohya_prefix}_{exported.replace('.', '_')}"
                 try:
                     adapter = lora_for(module, name=name, rank=rank, alpha=alpha, dropout=dropout)
                 except UnsupportedLayerError as error:
@@ -97,7 +100,8 @@ class LoRANetwork(nn.Module):
                 adapters.append(adapter)
                 part_of[name] = target.part
                 module_path[name] = path
-        network = cls(adapters, part_of=part_of, module_path=module_path)
+                export_path[name] = exported
+        network = cls(adapters, part_of=part_of, module_path=module_path, export_path=export_path)
         network.attach()
         return network
 
