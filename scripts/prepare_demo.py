@@ -25,6 +25,8 @@ def main() -> int:
         build_tiny_sdxl(root / "tiny-sdxl")
     if not (root / "dataset").exists():
         write_demo_dataset(root / "dataset", count=8, size=64)
+    if not (root / "validation").exists():  # held out: only its loss is measured
+        write_demo_dataset(root / "validation", count=2, size=64, seed=1)
     print(f"demo model: {root / 'tiny-sdxl'}\ndemo data:  {root / 'dataset'}")
     return 0
 

@@ -47,10 +47,7 @@ def test_lora_overfits_one_batch(
         training={"batch_size": 2, "max_grad_norm": 0},
     )
     run = TrainingRun(load_config(raw=raw))
-    _, chosen = run.data.micro_batch(0)
-    from modules.data.image_folder import load_batch
-
-    batch = load_batch(chosen, resolution=64)
+    _, batch = run.dataset.load(0)
     losses = []
     for _ in range(60):
         generator = torch.Generator().manual_seed(0)

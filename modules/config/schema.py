@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from modules.config.data_schema import DataConfig
 from modules.config.fields import Section, option
+from modules.config.lora_schema import LoRAConfig
 
 CONFIG_VERSION = 2
 
@@ -78,56 +80,6 @@ class ModelConfig(Section):
         help="What the model predicts; auto reads the base model's scheduler config.",
         tab="model",
         label="Prediction type",
-    )
-
-
-class LoRAConfig(Section):
-    rank: int = option(
-        16,
-        help="LoRA rank (network dim): capacity and file size grow with it. 8-32 suits most "
-        "character and style LoRAs.",
-        tab="lora",
-        label="Rank",
-        ge=1,
-        le=1024,
-    )
-    alpha: float = option(
-        16.0,
-        help="LoRA alpha; the update is scaled by alpha / rank. alpha = rank keeps scale 1, "
-        "alpha = 1 needs a higher learning rate.",
-        tab="lora",
-        label="Alpha",
-        gt=0,
-    )
-    dropout: float = option(
-        0.0,
-        help="Dropout on the LoRA bottleneck; 0.05-0.1 can reduce overfitting on tiny datasets.",
-        tab="lora",
-        label="Dropout",
-        ge=0,
-        lt=1,
-    )
-    layer_preset: Literal["attn", "attn-mlp", "full"] = option(
-        "attn-mlp",
-        help="Which UNet layers get LoRA: attn = attention projections, attn-mlp adds the "
-        "feed-forward layers, full adds convolutions and projections.",
-        tab="lora",
-        label="Layer preset",
-    )
-    layer_patterns: list[str] = option(
-        [],
-        help="Custom UNet layer selection replacing the preset: substrings of module paths, or "
-        "regular expressions prefixed with 're:'. Each must match at least one layer.",
-        tab="lora",
-        label="Layer patterns",
-        advanced=True,
-    )
-    init_from: str = option(
-        "",
-        help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
-        "from; its rank and layers must match this config.",
-        tab="lora",
-        label="Continue from LoRA",
     )
 
 
@@ -265,31 +217,6 @@ class TrainingConfig(Section):
         tab="training",
         label="On NaN/inf",
         advanced=True,
-    )
-
-
-class ConceptConfig(Section):
-    path: str = option(
-        "", help="Folder of images with same-name .txt captions.", tab="data", label="Folder"
-    )
-    repeats: int = option(
-        1, help="How often the concept is seen per epoch.", tab="data", label="Repeats", ge=1
-    )
-
-
-class DataConfig(Section):
-    concepts: list[ConceptConfig] = option(
-        [], help="Image folders to train on.", tab="data", label="Concepts"
-    )
-    resolution: int = option(
-        1024,
-        help="Training resolution in pixels (square, multiple of 64); images are resized and "
-        "center-cropped to it.",
-        tab="data",
-        label="Resolution",
-        ge=64,
-        le=4096,
-        multiple_of=64,
     )
 
 

@@ -32,6 +32,22 @@ class SDXLBase(nn.Module):
         self.prediction_type = prediction_type
 
 
+def masked_mse(
+    prediction: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None, *, unmasked: float
+) -> torch.Tensor:
+    """Per-image MSE; with masks, the mean weighted by `unmasked + (1 - unmasked) * mask`.
+
+    The mask is area-averaged down to the latent grid, and dividing by the mean weight keeps
+    the loss scale independent of how much of the image a mask covers.
+    """
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if masks is None:
+        return error.mean(dim=(1, 2, 3))
+    mask = F.interpolate(masks.to(error.device, torch.float32), size=error.shape[-2:], mode="area")
+    weight = unmasked + (1 - unmasked) * mask
+    return (error * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3)).clamp_min(1e-6)
+
+
 class SDXLFamily:
     name = "sdxl"
     identity = FileIdentity(
@@ -88,31 +104,64 @@ class SDXLFamily:
                     max_length=tokenizer.model_max_length,
                     truncation=True,
                     return_tensors="pt",
-                ).input_ids.to(device)
+                ).input_ids.to(encoder.device)  # an offloaded encoder runs where it is
                 out = encoder(ids, output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
+                hidden.append(out.hidden_states[-2].to(device))
                 if encoder is model.text_encoder_2:
-                    pooled = out.text_embeds
+                    pooled = out.text_embeds.to(device)
         return torch.cat(hidden, dim=-1), pooled
 
+    def encode_text(self, model: SDXLBase, captions: list[str]) -> dict[str, torch.Tensor]:
+        prompt_embeds, pooled = self.encode_prompts(model, captions, with_grad=False)
+        return {"prompt_embeds": prompt_embeds, "pooled": pooled}
+
+    def encode_latents(
+        self, model: SDXLBase, pixels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Always in float32 without autocast: the SDXL VAE overflows in fp16."""
+        vae = model.vae
+        with torch.no_grad(), torch.autocast(vae.device.type, enabled=False):
+            dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
+        return dist.mean, dist.std
+
+    def latent_encoder(self, model: SDXLBase) -> nn.Module:
+        return model.vae
+
+    def text_encoders(self, model: SDXLBase) -> list[nn.Module]:
+        return [model.text_encoder, model.text_encoder_2]
+
     def training_loss(
-        self, model: SDXLBase, batch: Batch, *, generator: torch.Generator, config: TrainConfig
+        self,
+        model: SDXLBase,
+        batch: Batch,
+        *,
+        generator: torch.Generator,
+        config: TrainConfig,
+        timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device, unet_dtype = model.unet.device, model.unet.dtype
         with torch.no_grad():
-            pixels = batch.pixels.to(device, torch.float32)
-            latent_dist = model.vae.encode(pixels).latent_dist
+            if batch.latent_mean is None:
+                mean, std = self.encode_latents(model, batch.pixels)
+            else:
+                mean, std = batch.latent_mean, batch.latent_std
+            mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
             # noise drawn on the CPU generator: identical streams on every device, exact resume
-            eps = torch.randn(latent_dist.mean.shape, generator=generator).to(device)
-            latents = (latent_dist.mean + latent_dist.std * eps) * model.vae.config.scaling_factor
+            eps = torch.randn(mean.shape, generator=generator).to(device)
+            latents = (mean + std * eps) * model.vae.config.scaling_factor
         train_te = config.model.text_encoder.train or config.model.text_encoder_2.train
-        prompt_embeds, pooled = self.encode_prompts(model, batch.captions, with_grad=train_te)
+        if batch.text is not None and not train_te:
+            prompt_embeds, pooled = batch.text["prompt_embeds"], batch.text["pooled"]
+        else:
+            prompt_embeds, pooled = self.encode_prompts(model, batch.captions, with_grad=train_te)
 
         scheduler = model.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-        ).to(device)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+            )
+        timesteps = timesteps.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = (
             noise
@@ -120,26 +169,27 @@ class SDXLFamily:
             else scheduler.get_velocity(latents, noise, timesteps)
         )
 
-        height, width = batch.pixels.shape[-2:]
-        target_size = torch.tensor([height, width]).expand(latents.shape[0], 2)
+        target_size = torch.tensor(batch.target_size).expand(latents.shape[0], 2)
         time_ids = torch.cat([batch.original_sizes, batch.crop_top_lefts, target_size], dim=1)
         prediction = model.unet(
             noisy.to(unet_dtype),
             timesteps,
-            encoder_hidden_states=prompt_embeds.to(unet_dtype),
+            encoder_hidden_states=prompt_embeds.to(device, unet_dtype),
             added_cond_kwargs={
-                "text_embeds": pooled.to(unet_dtype),
+                "text_embeds": pooled.to(device, unet_dtype),
                 "time_ids": time_ids.to(device, unet_dtype),
             },
         ).sample
 
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = masked_mse(prediction, target, batch.masks, unmasked=config.data.unmasked_weight)
         gamma = config.training.min_snr_gamma
         if gamma > 0:
             snr = compute_snr(scheduler, timesteps)
             clipped = torch.clamp(snr, max=gamma)
             weight = clipped / snr if model.prediction_type == "epsilon" else clipped / (snr + 1)
             loss = loss * weight
+        if batch.loss_weights is not None:
+            loss = loss * batch.loss_weights.to(device)
         return loss.mean()
 
     def sampling_pipeline(self, model: SDXLBase) -> StableDiffusionXLPipeline:

@@ -41,6 +41,7 @@ class TrainingState:
     noise_generator: torch.Generator
     progress: Progress
     scaler: Any = None
+    preconditioner: Any = None  # LoRAPreconditioner: AdaPreLoRA's moments must survive a resume
 
 
 def backups_dir(workspace: Path) -> Path:
@@ -56,7 +57,8 @@ def write_backup(
     target = root / f"{BACKUP_PREFIX}{state.progress.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in state.network.state_dict().items()}
+        # clone: packed LoRA factors are views of one stack, which safetensors refuses to share
+        weights = {k: v.detach().cpu().clone() for k, v in state.network.state_dict().items()}
         save_file(weights, tmp / "lora.safetensors")
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(
@@ -67,6 +69,9 @@ def write_backup(
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "rng_noise": state.noise_generator.get_state(),
+                "preconditioner": (
+                    state.preconditioner.state_dict() if state.preconditioner is not None else None
+                ),
             },
             tmp / "state.pt",
         )
@@ -124,6 +129,16 @@ def read_backup(state: TrainingState, path: Path) -> None:
     if torch.cuda.is_available() and saved["rng_cuda"]:
         torch.cuda.set_rng_state_all(saved["rng_cuda"])
     state.noise_generator.set_state(saved["rng_noise"])
+    if state.preconditioner is not None:
+        if saved.get("preconditioner") is None:
+            raise UserError(
+                f"backup {path} was written without lora.riemannian_preconditioning; resume it "
+                "with the setting it was trained with"
+            )
+        try:
+            state.preconditioner.load_state_dict(saved["preconditioner"])
+        except ValueError as error:
+            raise UserError(f"backup {path}: {error}") from None
     progress = Progress(**saved["progress"])
     state.progress.step = progress.step
     state.progress.micro_batches = progress.micro_batches

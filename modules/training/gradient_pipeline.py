@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,10 @@ class GradientPipeline:
         parameters: list[nn.Parameter],
         accumulation_steps: int,
         max_grad_norm: float,
+        on_zero_grad: Sequence[Callable[[], None]] = (),
     ) -> None:
+        """`on_zero_grad`: resets for gradient-like state kept outside `.grad` (AdaPreLoRA's
+        sketches), run whenever the gradients are zeroed, including after a skipped step."""
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -44,6 +47,7 @@ class GradientPipeline:
         self.parameters = parameters
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
+        self.on_zero_grad = list(on_zero_grad)
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._micro = 0
 
@@ -84,7 +88,11 @@ class GradientPipeline:
             applied = not getattr(self.optimizer, "step_was_skipped", False)
             if applied:
                 self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # zeroed in place, not set to None: the same values (0 + g == g), and the preconditioner's
+        # packed gradient stacks stay where autograd accumulates
+        self.optimizer.zero_grad(set_to_none=False)
+        for reset in self.on_zero_grad:
+            reset()
         self._loss_sum.zero_()
         self._micro = 0
         return StepOutcome(loss=loss_value, grad_norm=norm_value, applied=applied, finite=finite)

@@ -20,19 +20,21 @@ from tqdm.auto import tqdm
 
 from modules.config.loading import config_to_json, save_config
 from modules.config.schema import TrainConfig
-from modules.data.image_folder import load_batch, scan_concepts
+from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
 from modules.lora.formats import build_metadata, load_lora_into, save_lora
+from modules.lora.layers import LORA_ROLE_B
 from modules.lora.network import LoRANetwork
 from modules.models.base import Batch, ModelFamily, get_family
 from modules.models.sdxl_loading import DTYPES
 from modules.sampling.sampler import write_samples
 from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
-from modules.training.data_order import DataOrder
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
 from modules.training.optimizers import create_optimizer, create_scheduler
+from modules.training.preconditioning import attach_preconditioner
 from modules.training.run_log import RunLog
 from modules.training.stop import StopSignal
+from modules.training.validation import ValidationLog, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,10 @@ class TrainingRun:
     ) -> None:
         self.config = config
         self.paths = RunPaths.from_config(config)
-        self.samples = scan_concepts(config.data)  # bad data fails here, before any model loads
+        # bad data fails here, before any model loads
+        self.dataset = DataPipeline(
+            config, latent_multiple=get_family(config.model.family).latent_multiple
+        )
         resume_path = (
             find_backup(self.paths.workspace, resume) if (resume or resume_latest) else None
         )
@@ -102,12 +107,13 @@ class TrainingRun:
         # precision, keeping the distributed PartialState that `accelerate launch` set up.
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
+        if self.accelerator.is_main_process:
+            print("\n".join(self.dataset.report_lines()), flush=True)
         torch.manual_seed(config.training.seed)
         self.family = get_family(config.model.family)
         self.base = self.family.load(config)
         self.network = self._build_network()
-        self.data = DataOrder(
-            self.samples,
+        self.data = self.dataset.shard(
             batch_size=config.training.batch_size,
             seed=config.training.seed,
             rank=self.accelerator.process_index,
@@ -124,6 +130,13 @@ class TrainingRun:
         optimizer = create_optimizer(config.optimizer, self._param_groups())
         scheduler = create_scheduler(config.scheduler, optimizer, total_steps=self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # after prepare: the preconditioner packs the factors where they finally live
+        self.preconditioner = attach_preconditioner(
+            config=config,
+            network=self.network,
+            optimizer=self.optimizer.optimizer,
+            accelerator=self.accelerator,
+        )
         self.pipeline = GradientPipeline(
             accelerator=self.accelerator,
             model=self.model,
@@ -132,6 +145,7 @@ class TrainingRun:
             parameters=list(self.network.parameters()),
             accumulation_steps=config.training.gradient_accumulation_steps,
             max_grad_norm=config.training.max_grad_norm,
+            on_zero_grad=[self.preconditioner.zero_] if self.preconditioner else [],
         )
         self.state = TrainingState(
             network=self.network,
@@ -140,6 +154,7 @@ class TrainingRun:
             noise_generator=torch.Generator().manual_seed(config.training.seed),
             progress=Progress(),
             scaler=self.accelerator.scaler,
+            preconditioner=self.preconditioner,
         )
         self.config_json = config_to_json(config)
         self.last_backup: Path | None = None
@@ -147,6 +162,9 @@ class TrainingRun:
             read_backup(self.state, resume_path)
             self.last_backup = resume_path
             log.info("resumed from %s at step %d", resume_path, self.state.progress.step)
+        # latent / text caches (and encoder offload) once the model sits on its device
+        self.dataset.prepare(family=self.family, model=self.base, accelerator=self.accelerator)
+        self.validation_log: ValidationLog | None = None
 
     def _build_network(self) -> LoRANetwork:
         config = self.config
@@ -165,13 +183,22 @@ class TrainingRun:
         return network
 
     def _param_groups(self) -> list[dict]:
+        """One group per model part; with LoRA+ each part splits into its A and its B factors."""
         groups = []
+        ratio = self.config.lora.loraplus_ratio
         for part in self.network.parts():
             lr = (
                 getattr(self.config.model, part).learning_rate
                 or self.config.optimizer.learning_rate
             )
-            groups.append({"params": self.network.parameters_of(part), "lr": lr, "name": part})
+            params = self.network.parameters_of(part)
+            if ratio == 1:
+                groups.append({"params": params, "lr": lr, "name": part})
+                continue
+            up = [p for p in params if getattr(p, "_lora_role", None) == LORA_ROLE_B]
+            down = [p for p in params if getattr(p, "_lora_role", None) != LORA_ROLE_B]
+            groups.append({"params": down, "lr": lr, "name": part})
+            groups.append({"params": up, "lr": lr * ratio, "name": f"{part}_up"})
         return groups
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -184,7 +211,8 @@ class TrainingRun:
             save_config(self.config, self.paths.workspace / "config.json")
             print(
                 f"training {len(self.network.adapters)} LoRA layers for {self.total_steps} steps "
-                f"({len(self.samples)} images, {self.data.micro_per_epoch} micro-batches/epoch)",
+                f"({len(self.dataset.train.samples)} images, "
+                f"{self.data.micro_per_epoch} micro-batches/epoch)",
                 flush=True,
             )
         run_log = RunLog(
@@ -194,10 +222,10 @@ class TrainingRun:
             enabled=main,
             bar_factory=tqdm,
         )
-        with stop.installed():
+        start = progress.micro_batches
+        with stop.installed(), self.dataset.stream(start=start) as batches:
             while progress.step < self.total_steps and not stop.requested:
-                epoch, chosen = self.data.micro_batch(progress.micro_batches)
-                batch = load_batch(chosen, resolution=self.config.data.resolution)
+                epoch, batch = next(batches)
                 progress.micro_batches += 1
                 if batch is None:
                     continue
@@ -223,6 +251,9 @@ class TrainingRun:
                 self.backup()
             return self._result(interrupted=True)
         self.save(self.paths.output)
+        self.validate(progress.step)
+        if self.validation_log is not None:
+            self.validation_log.close()
         if self.config.sampling.at_end:
             self.sample(progress.step)
         self.accelerator.end_training()
@@ -249,6 +280,8 @@ class TrainingRun:
         if step < self.total_steps and _every(step, config.output.save_every_n_steps):
             name = f"{config.output.name}-step{step:06d}.safetensors"
             self.save(self.paths.workspace / "saves" / name)
+        if step < self.total_steps and _every(step, config.data.validation.every_n_steps):
+            self.validate(step)
         if _every(step, config.backup.every_n_steps):
             self.backup()
 
@@ -293,15 +326,31 @@ class TrainingRun:
             dtype=DTYPES[config.output.save_dtype],
         )
 
+    def validate(self, step: int) -> None:
+        """Log the validation loss (main process; other ranks go on to the next step)."""
+        if not (self.accelerator.is_main_process and self.dataset.validation):
+            return
+        loss = validation_loss(
+            family=self.family,
+            base=self.base,
+            pipeline=self.dataset,
+            config=self.config,
+            accelerator=self.accelerator,
+        )
+        if loss is not None:
+            self.validation_log = self.validation_log or ValidationLog(self.paths.logs)
+            self.validation_log.record(step, loss)
+
     def sample(self, step: int) -> None:
         if self.accelerator.is_main_process:
-            write_samples(
-                family=self.family,
-                base=self.base,
-                config=self.config.sampling,
-                resolution=self.config.data.resolution,
-                folder=self.paths.samples / f"{step:06d}",
-            )
+            with self.dataset.encoders.on_device():  # offloaded encoders visit the GPU
+                write_samples(
+                    family=self.family,
+                    base=self.base,
+                    config=self.config.sampling,
+                    resolution=self.config.data.resolution,
+                    folder=self.paths.samples / f"{step:06d}",
+                )
 
 
 def train(

@@ -1,0 +1,123 @@
+"""The lora section of the training config: the adapters and how their gradients are treated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from modules.config.fields import Section, option
+
+
+class LoRAConfig(Section):
+    rank: int = option(
+        16,
+        help="LoRA rank (network dim): capacity and file size grow with it. 8-32 suits most "
+        "character and style LoRAs.",
+        tab="lora",
+        label="Rank",
+        ge=1,
+        le=1024,
+    )
+    alpha: float = option(
+        16.0,
+        help="LoRA alpha; the update is scaled by alpha / rank. alpha = rank keeps scale 1, "
+        "alpha = 1 needs a higher learning rate.",
+        tab="lora",
+        label="Alpha",
+        gt=0,
+    )
+    dropout: float = option(
+        0.0,
+        help="Dropout on the LoRA bottleneck; 0.05-0.1 can reduce overfitting on tiny datasets.",
+        tab="lora",
+        label="Dropout",
+        ge=0,
+        lt=1,
+    )
+    layer_preset: Literal["attn", "attn-mlp", "full"] = option(
+        "attn-mlp",
+        help="Which UNet layers get LoRA: attn = attention projections, attn-mlp adds the "
+        "feed-forward layers, full adds convolutions and projections.",
+        tab="lora",
+        label="Layer preset",
+    )
+    layer_patterns: list[str] = option(
+        [],
+        help="Custom UNet layer selection replacing the preset: substrings of module paths, or "
+        "regular expressions prefixed with 're:'. Each must match at least one layer.",
+        tab="lora",
+        label="Layer patterns",
+        advanced=True,
+    )
+    init_from: str = option(
+        "",
+        help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
+        "from; its rank and layers must match this config.",
+        tab="lora",
+        label="Continue from LoRA",
+    )
+    riemannian_preconditioning: bool = option(
+        False,
+        help="Precondition each LoRA pair's gradients with r x r matrices before the optimizer "
+        "step (g_A <- (s^2 B^T B + lam)^-1 g_A, g_B <- g_B (s^2 A A^T + lam)^-1), so any "
+        "optimizer follows the geometry of W = B A: faster, steadier progress, fewer "
+        "learning-rate surprises. Usual AdamW LoRA rates (1e-4 to 4e-4) work; SGD then behaves "
+        "well at 1e-2 to 1e-1. Costs well under a percent of a step.",
+        tab="lora",
+        label="Riemannian Preconditioning",
+    )
+    preconditioner: Literal["riemannian", "adaprelora"] = option(
+        "riemannian",
+        help="riemannian = scaled gradient descent on the factors (Zhang & Pilanci 2024); "
+        "adaprelora = its Adafactor-weighted variant, which also weights rows and columns of the "
+        "weight gradient by their running energy (a little extra compute in the backward pass).",
+        tab="lora",
+        label="Preconditioner",
+    )
+    precondition_damping: float = option(
+        0.1,
+        help="Damping relative to each r x r Gram's mean eigenvalue. Larger is closer to the "
+        "plain optimizer and steadier; smaller follows the geometry more strictly. 0.1 suits "
+        "Adam-type optimizers; try 0.01 with SGD. See docs/benchmarks.md for the measurements.",
+        tab="lora",
+        label="Damping (relative)",
+        advanced=True,
+        ge=0,
+        le=100,
+    )
+    precondition_damping_floor: float = option(
+        1e-8,
+        help="Absolute damping added on top, so a factor whose partner is still zero (B at the "
+        "start) stays finite. Rarely worth changing.",
+        tab="lora",
+        label="Damping floor",
+        advanced=True,
+        gt=0,
+    )
+    adaprelora_beta2: float = option(
+        0.999,
+        help="AdaPreLoRA: decay of the running row/column gradient energies (Adafactor's beta2).",
+        tab="lora",
+        label="AdaPreLoRA beta2",
+        advanced=True,
+        gt=0,
+        lt=1,
+    )
+    adaprelora_probes: int = option(
+        8,
+        help="AdaPreLoRA: random probes per layer and step that estimate the gradient energies. "
+        "More is less noisy and costs more backward time.",
+        tab="lora",
+        label="AdaPreLoRA probes",
+        advanced=True,
+        ge=1,
+        le=256,
+    )
+    loraplus_ratio: float = option(
+        1.0,
+        help="LoRA+: learning rate of the up (B) factor = ratio x that of the down (A) factor; "
+        "kohya users know it around 16. 1 turns it off. Combines with the preconditioner.",
+        tab="lora",
+        label="LoRA+ ratio",
+        ge=1,
+        le=1000,
+    )

@@ -1,0 +1,345 @@
+"""Batched r x r algebra of the two preconditioners, on stacks of k same-shaped LoRA layers.
+
+Shapes: A (k, r, n), B (k, m, r), g_A like A, g_B like B, s (k,). Everything is computed in
+float32 (or float64 when the inputs are float64, which the tests use as the reference) and returned
+in that dtype; the caller casts back to the gradient's dtype. Nothing here reads a tensor value on
+the host: failures are handled with `torch.where`, so one call never synchronises with the GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+# On the CPU the gradient products run in chunks of whole layers of about this many entries
+# (1 MiB of float32): each chunk's result is copied back into the gradient while it is still in
+# cache, so the pass costs one read and one write of the gradients from memory, not two of each.
+# A GPU takes a whole group at once (launch count matters there, not cache).
+CPU_CHUNK_ELEMENTS = 1 << 18
+# Groups of one rank share one batched damped inverse; on the CPU batches stop growing past this
+# many bytes of Grams so that the inverse's dozen passes over them stay in cache (a GPU takes all).
+CPU_GRAM_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Damping:
+    """`lam = relative * mean eigenvalue of the Gram + absolute`, added to the Gram's diagonal.
+
+    `identity_below`: while the mean eigenvalue of the partner's Gram is below this, the factor
+    keeps its plain gradient (the B = 0 start); 0 turns the fallback off.
+    """
+
+    relative: float = 0.1
+    absolute: float = 1e-8
+    identity_below: float = 0.0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def damped_inverse(gram: torch.Tensor, damping: Damping) -> torch.Tensor:
+    """`(gram + lam I)^-1` for a stack of SPD r x r Grams, through a Cholesky factorisation.
+
+    A layer whose factorisation fails (non-finite weights) or whose Gram is below
+    `damping.identity_below` gets the identity, so its gradient passes through unchanged and the
+    result is never NaN or inf by our doing.
+    """
+    r = gram.shape[-1]
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    mean_eig = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
+    lam = damping.relative * mean_eig + damping.absolute
+    shifted = gram.clone()
+    shifted.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    inverse, factored = _spd_inverse(shifted)
+    # a matrix with an inf or NaN entry has a non-finite sum: one reduction, no full-size mask
+    usable = factored & torch.isfinite(inverse.sum(dim=(-2, -1)))
+    if damping.identity_below > 0:
+        usable = usable & (mean_eig >= damping.identity_below)
+    return torch.where(usable[:, None, None], inverse, eye)
+
+
+def _spd_inverse(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(M^-1, factored)` through a Cholesky factorisation; where it fails, M^-1 is I."""
+    r = matrices.shape[-1]
+    eye = torch.eye(r, dtype=matrices.dtype, device=matrices.device)
+    if matrices.device.type == "cpu":
+        return _spd_inverse_cpu(matrices, eye)
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    factored = info == 0
+    factor = torch.where(factored[:, None, None], factor, eye)
+    # (L L^T)^-1 = L^-T L^-1 through a triangular solve: unlike cholesky_inverse it never checks
+    # for singularity, so it never stops to ask the GPU; failed layers were swapped for I above
+    inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
+    return inverse_factor.mT @ inverse_factor, factored
+
+
+# At least this many r x r matrices per thread before the CPU factorisations are split up.
+_MATRICES_PER_THREAD = 64
+_lapack_pool: ThreadPoolExecutor | None = None
+
+
+def _spd_inverse_cpu(
+    matrices: torch.Tensor, eye: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU version: LAPACK's potrf and potri, split over torch's threads.
+
+    torch runs a batched CPU factorisation one small matrix after another on one thread, which
+    made it a third of the pass at rank 64; the slices of the batch go to a thread pool instead
+    (the ops release the GIL). potri is also 1.5-1.7x faster than a triangular solve and product,
+    and its check for a zero on L's diagonal costs no sync on the CPU and never fails here: a
+    successful factorisation has a positive diagonal, and failed layers are swapped for I.
+    """
+    k = matrices.shape[0]
+    workers = max(1, min(torch.get_num_threads(), k // _MATRICES_PER_THREAD))
+    bounds = [k * index // workers for index in range(workers + 1)]
+    parts = [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
+    factor = torch.empty_like(matrices)
+    info = torch.empty(k, dtype=torch.int32)
+    inverse = torch.empty_like(matrices)
+
+    def factorise(part: slice) -> None:
+        torch.linalg.cholesky_ex(matrices[part], out=(factor[part], info[part]))
+
+    def invert(part: slice) -> None:
+        torch.cholesky_inverse(factor[part], out=inverse[part])
+
+    _run_parts(factorise, parts)
+    factored = info == 0
+    torch.where(factored[:, None, None], factor, eye, out=factor)
+    _run_parts(invert, parts)
+    return inverse, factored
+
+
+def _run_parts(work: Callable[[slice], None], parts: list[slice]) -> None:
+    global _lapack_pool
+    if len(parts) == 1:
+        work(parts[0])
+        return
+    if _lapack_pool is None or _lapack_pool._max_workers < len(parts):
+        _lapack_pool = ThreadPoolExecutor(len(parts), thread_name_prefix="preconditioner")
+    list(_lapack_pool.map(work, parts))
+
+
+def scaled_factors(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(s A, s B)` in the compute dtype: the factors as the W = s B A product sees them."""
+    dtype = compute_dtype(a.dtype)
+    s = scale.to(dtype)[:, None, None]
+    return a.to(dtype) * s, b.to(dtype) * s
+
+
+def chunk_elements(device: torch.device) -> int | None:
+    """How many entries the in-place products take at a time on `device` (None: all)."""
+    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else None
+
+
+def _layer_slices(k: int, per_layer: int, budget: int | None) -> Iterator[slice]:
+    step = k if budget is None else max(1, budget // per_layer)
+    for start in range(0, k, step):
+        yield slice(start, min(k, start + step))
+
+
+def gram_into(
+    factor: torch.Tensor, out: torch.Tensor, *, columns: bool, budget: int | None = None
+) -> None:
+    """`out <- F^T F` (columns: B, (k, m, r)) or `F F^T` (rows: A, (k, r, n)), both r x r.
+
+    Computed in `out`'s dtype; a factor of another dtype (bf16, fp16) is converted a chunk of
+    layers at a time, so no converted copy of the whole stack is ever made.
+    """
+    if factor.dtype == out.dtype:
+        budget = None  # nothing to convert, nothing to chunk
+    for layers in _layer_slices(factor.shape[0], factor[0].numel(), budget):
+        x = factor[layers].to(out.dtype)
+        if columns:
+            torch.bmm(x.mT, x, out=out[layers])
+        else:
+            torch.bmm(x, x.mT, out=out[layers])
+
+
+def multiply_(
+    grad: torch.Tensor, operator: torch.Tensor, *, left: bool, budget: int | None = None
+) -> None:
+    """In place: `grad <- operator @ grad` (left) or `grad @ operator`, in operator's dtype.
+
+    Each chunk's product goes to a scratch buffer and is copied (and cast) back into `grad`.
+    """
+    k, per_layer = grad.shape[0], grad[0].numel()
+    slices = list(_layer_slices(k, per_layer, budget))
+    largest = max(layers.stop - layers.start for layers in slices) * per_layer
+    options = {"dtype": operator.dtype, "device": grad.device}
+    result = torch.empty(largest, **options)
+    staged = None if grad.dtype == operator.dtype else torch.empty(largest, **options)
+    for layers in slices:
+        chunk = grad[layers]
+        out = result[: chunk.numel()].view(chunk.shape)
+        x = chunk if staged is None else staged[: chunk.numel()].view(chunk.shape).copy_(chunk)
+        if left:
+            torch.bmm(operator[layers], x, out=out)
+        else:
+            torch.bmm(x, operator[layers], out=out)
+        chunk.copy_(out)
+
+
+def riemannian_grams_into(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    budget: int | None = None,
+) -> None:
+    """`out[:k] <- s^2 B^T B` and `out[k:] <- s^2 A A^T`: the factors are read once, unscaled."""
+    k, r = a.shape[0], a.shape[1]
+    gram_into(b, out[:k], columns=True, budget=budget)
+    gram_into(a, out[k:], columns=False, budget=budget)
+    out.view(2, k, r, r).mul_(scale.to(out.dtype).square()[:, None, None])
+
+
+def riemannian_operators(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, damping: Damping
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`((s^2 B^T B + lam)^-1, (s^2 A A^T + lam)^-1)`: the r x r matrices for g_A and g_B.
+
+    With lam -> 0 the resulting W-step `s (B dA + dB A)` is `P_B G + G P_A`, whatever alpha, rank
+    or the split of W between the factors.
+    """
+    k, r = a.shape[0], a.shape[1]
+    grams = torch.empty(2 * k, r, r, dtype=compute_dtype(a.dtype), device=a.device)
+    riemannian_grams_into(a, b, scale, grams)
+    inverse = damped_inverse(grams, damping)
+    return inverse[:k], inverse[k:]
+
+
+class FactorStacks(Protocol):
+    """A group of k same-shaped layers: A (k, r, n), B (k, m, r), their gradients, s (k,)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    scale: torch.Tensor
+
+
+def _inverse_batches(groups: Sequence[FactorStacks]) -> Iterator[list[FactorStacks]]:
+    """Groups of one rank, device and compute dtype, in batches of at most CPU_GRAM_BYTES of
+    Grams on the CPU (a group larger than that alone) and whole on a GPU."""
+    by_key: dict[tuple, list[FactorStacks]] = {}
+    for group in groups:
+        key = (group.a.shape[1], group.a.device, compute_dtype(group.a.dtype))
+        by_key.setdefault(key, []).append(group)
+    for (r, device, dtype), members in by_key.items():
+        limit = CPU_GRAM_BYTES if device.type == "cpu" else None
+        per_layer = 2 * r * r * torch.finfo(dtype).bits // 8
+        batch: list[FactorStacks] = []
+        size = 0
+        for group in members:
+            grams = per_layer * group.a.shape[0]
+            if batch and limit is not None and size + grams > limit:
+                yield batch
+                batch, size = [], 0
+            batch.append(group)
+            size += grams
+        yield batch
+
+
+def riemannian_precondition_(groups: Sequence[FactorStacks], damping: Damping) -> None:
+    """`riemannian_directions` of every group, written over its gradients (in their dtype).
+
+    The cost is memory traffic: A and B are read once for the Grams, the gradients read and
+    written once, in cache-sized chunks on the CPU (see `multiply_`), and the r x r inverses of
+    many groups are taken in one batched call.
+    """
+    for batch in _inverse_batches(groups):
+        first = batch[0].a
+        r, device = first.shape[1], first.device
+        budget = chunk_elements(device)
+        sizes = [group.a.shape[0] for group in batch]
+        grams = torch.empty(2 * sum(sizes), r, r, dtype=compute_dtype(first.dtype), device=device)
+        starts = [2 * sum(sizes[:index]) for index in range(len(batch))]
+        for group, k, start in zip(batch, sizes, starts, strict=True):
+            riemannian_grams_into(
+                group.a, group.b, group.scale, grams[start : start + 2 * k], budget=budget
+            )
+        inverse = damped_inverse(grams, damping)
+        for group, k, start in zip(batch, sizes, starts, strict=True):
+            multiply_(group.grad_a, inverse[start : start + k], left=True, budget=budget)
+            multiply_(group.grad_b, inverse[start + k : start + 2 * k], left=False, budget=budget)
+
+
+def riemannian_directions(
+    *,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    scale: torch.Tensor,
+    damping: Damping,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled-GD directions `(S_B^-1 g_A, g_B S_A^-1)` (Zhang & Pilanci 2024)."""
+    inv_b, inv_a = riemannian_operators(a, b, scale, damping)
+    dtype = inv_a.dtype
+    return inv_b @ grad_a.to(dtype), grad_b.to(dtype) @ inv_a
+
+
+@dataclass(frozen=True)
+class AdafactorWeights:
+    """Diagonal Kronecker weights `L` (k, m) and `R` (k, n) with `V = (L R^T)^2` (reference s.4)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @classmethod
+    def from_moments(
+        cls, rows: torch.Tensor, cols: torch.Tensor, *, floor: float = 1e-3
+    ) -> AdafactorWeights:
+        """From Adafactor's row and column second moments (k, m) and (k, n).
+
+        Entries are floored at `floor` times their layer's mean so that a row the estimate puts
+        near zero cannot blow up its weight; `V = rows cols^T / mean(rows)` as in Adafactor.
+        """
+        rows = torch.maximum(rows, floor * rows.mean(-1, keepdim=True))
+        cols = torch.maximum(cols, floor * cols.mean(-1, keepdim=True))
+        norm = rows.mean(-1, keepdim=True).pow(0.25)
+        return cls(left=rows.sqrt() / norm, right=cols.sqrt() / norm)
+
+
+def adaprelora_directions(
+    *,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    scale: torch.Tensor,
+    weights: AdafactorWeights,
+    damping: Damping,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaPreLoRA's factor step: the H-weighted tangent projection of `L^-1 G R^-1`, split evenly.
+
+    `dA = S_B^-1 g_A R^-1 - 1/2 S_B^-1 (g_A sA^T) S_A^-1 sA` and
+    `dB = L^-1 g_B S_A^-1 - 1/2 sB S_B^-1 (sB^T g_B) S_A^-1` with `S_B = s^2 B^T L B` and
+    `S_A = s^2 A R A^T` (derivation in shared/reference/preconditioning.md, s folded into the
+    factors). With L = R = I the W-step is `P_B G + G P_A - P_B G P_A`.
+    """
+    sa, sb = scaled_factors(a, b, scale)
+    dtype = sa.dtype
+    left = weights.left.to(dtype)
+    right = weights.right.to(dtype)
+    inv_b = damped_inverse(sb.mT @ (left[:, :, None] * sb), damping)
+    inv_a = damped_inverse((sa * right[:, None, :]) @ sa.mT, damping)
+    ga = grad_a.to(dtype)
+    gb = grad_b.to(dtype)
+    solved_a = inv_b @ ga
+    solved_b = gb @ inv_a
+    overlap_a = (solved_a @ sa.mT) @ inv_a
+    overlap_b = inv_b @ (sb.mT @ solved_b)
+    direction_a = solved_a / right[:, None, :] - 0.5 * overlap_a @ sa
+    direction_b = solved_b / left[:, :, None] - 0.5 * sb @ overlap_b
+    return direction_a, direction_b

@@ -1,0 +1,160 @@
+"""Preconditioning and LoRA+ in real runs of the tiny SDXL model: CLI, resume, diffusers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modules.config.loading import load_config
+from modules.training.trainer import TrainingRun, train
+from tests.helpers import run_cli, tiny_config
+from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
+from tests.test_training import StopAtStep
+
+ADAPRELORA = {"riemannian_preconditioning": True, "preconditioner": "adaprelora"}
+
+
+@pytest.mark.parametrize(
+    ("lora", "training"),
+    [
+        ({"riemannian_preconditioning": True}, {}),
+        ({**ADAPRELORA, "adaprelora_probes": 4}, {"gradient_checkpointing": True}),
+    ],
+    ids=["riemannian", "adaprelora-checkpointing"],
+)
+def test_loss_falls_with_preconditioning(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path, lora: dict, training: dict
+) -> None:
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path,
+        lora={"rank": 8, "alpha": 8, "layer_preset": "full", **lora},
+        optimizer={"learning_rate": 3e-3, "weight_decay": 0.0},
+        training={"batch_size": 2, "max_grad_norm": 0, **training},
+    )
+    run = TrainingRun(load_config(raw=raw))
+    assert run.preconditioner is not None
+    _, batch = run.dataset.load(0)
+    losses = []
+    for _ in range(40):
+        with run.pipeline.micro_batch():
+            loss = run.model(batch, torch.Generator().manual_seed(0))
+        run.pipeline.backward(loss)
+        losses.append(run.pipeline.step().loss)
+    assert run.preconditioner.applied_steps == 40
+    assert all(math.isfinite(x) for x in losses)
+    assert min(losses[-5:]) <= 0.5 * losses[0], losses
+
+
+def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path,
+        lora={"riemannian_preconditioning": True, "layer_preset": "full"},
+        model={"text_encoder": {"train": True}, "text_encoder_2": {"train": True}},
+        output={"save_dtype": "float32"},
+    )
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(raw), encoding="utf-8")
+    result = run_cli("--config-path", str(config_path), "--set", "training.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    summary = next(line for line in result.stdout.splitlines() if "preconditioning on" in line)
+    assert summary.startswith("riemannian preconditioning on ")
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert f"{part}: " in summary
+    assert "at rank 4" in summary
+    assert "NOT preconditioned" not in summary
+
+    lora_path = tmp_path / "test-lora.safetensors"
+    weights = load_file(lora_path)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if k.endswith("lora_up.weight"))
+    pipe, complaints = load_in_diffusers(tiny_sdxl_path, lora_path)
+    assert complaints == []
+    assert rel_err(unet_out(pipe), unet_out(load_pipe(tiny_sdxl_path))) > 1e-4  # it took effect
+
+
+def test_resume_is_exact_with_adaprelora_statistics(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    sections = {
+        "lora": {"rank": 4, "alpha": 2, **ADAPRELORA, "adaprelora_probes": 4},
+        "training": {"max_steps": 6, "batch_size": 1, "gradient_accumulation_steps": 2},
+        "backup": {"every_n_steps": 0},
+        "output": {"save_dtype": "float32"},
+    }
+    straight = tmp_path / "straight"
+    train(load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, straight, **sections)))
+
+    stopped = tmp_path / "stopped"
+    config = load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, stopped, **sections))
+    run = TrainingRun(config)
+    assert run.run(StopAtStep(run, 3)).interrupted
+    saved = torch.load(stopped / "backups" / "step-000003" / "state.pt", weights_only=True)
+    assert saved["preconditioner"]["applied_steps"] == 3
+    assert saved["preconditioner"]["rows"][0].abs().sum() > 0  # the Adafactor moments travel
+
+    resumed = train(config, resume_latest=True)
+    assert resumed.steps == 6
+    a = load_file(straight / "test-lora.safetensors")
+    b = load_file(stopped / "test-lora.safetensors")
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst < 1e-6
+
+
+def test_resuming_a_plain_backup_with_preconditioning_is_a_clear_error(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(
+        tiny_sdxl_path, tiny_dataset_path, tmp_path, training={"max_steps": 1}, backup={}
+    )
+    run = TrainingRun(load_config(raw=raw))
+    run.run()
+    run.backup()
+    raw["lora"]["riemannian_preconditioning"] = True
+    config_path = tmp_path / "on.json"
+    config_path.write_text(json.dumps(raw), encoding="utf-8")
+    result = run_cli("--config-path", str(config_path), "--resume")
+    assert result.returncode == 2
+    assert "written without lora.riemannian_preconditioning" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_off_leaves_the_optimizer_without_hooks_and_the_factors_unpacked(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    run = TrainingRun(load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path)))
+    assert run.preconditioner is None
+    assert not run.optimizer.optimizer._optimizer_step_pre_hooks
+    pointers = [p.untyped_storage().data_ptr() for p in run.network.parameters()]
+    assert len(set(pointers)) == len(pointers)  # each factor owns its storage, as before
+
+
+def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path,
+        lora={"loraplus_ratio": 16, "riemannian_preconditioning": True},
+        model={"text_encoder": {"train": True, "learning_rate": 5e-4}},
+        scheduler={"name": "constant"},
+        training={"max_steps": 2},
+    )
+    run = TrainingRun(load_config(raw=raw))
+    groups = {g["name"]: g for g in run.optimizer.param_groups}
+    assert set(groups) == {"unet", "unet_up", "text_encoder", "text_encoder_up"}
+    assert groups["unet_up"]["lr"] == pytest.approx(16 * groups["unet"]["lr"])
+    assert groups["text_encoder_up"]["lr"] == pytest.approx(16 * 5e-4)
+    assert all(p._lora_role == "B" for p in groups["unet_up"]["params"])
+    assert all(p._lora_role == "A" for p in groups["unet"]["params"])
+    assert run.run().steps == 2
