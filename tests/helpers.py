@@ -5,8 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from modules.config.schema import TrainConfig
+from modules.training.stop import StopSignal
+from modules.training.trainer import TrainingRun, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +53,36 @@ def run_cli(
         env=cli_env(**env),
         cwd=REPO,
     )
+
+
+class StopAtStep(StopSignal):
+    """Requests a stop once the run reaches `step`, like a Ctrl-C at that moment."""
+
+    def __init__(self, run: TrainingRun, step: int) -> None:
+        super().__init__()
+        self.run, self.step = run, step
+
+    @property
+    def requested(self) -> bool:
+        return self.run.state.progress.step >= self.step
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass
+
+
+def straight_and_resumed(
+    make_config: Callable[[Path], TrainConfig], root: Path, *, stop_at: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Final LoRA weights of an uninterrupted run and of one stopped at `stop_at`, then resumed.
+
+    `make_config(workspace)` builds the same config for a given workspace folder.
+    """
+    straight = train(make_config(root / "straight"))
+    config = make_config(root / "stopped")
+    run = TrainingRun(config)
+    result = run.run(StopAtStep(run, stop_at))
+    assert result.interrupted and result.steps == stop_at
+    resumed = train(config, resume_latest=True)
+    assert not resumed.interrupted
+    return load_file(straight.paths.output), load_file(resumed.paths.output)

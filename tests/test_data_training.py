@@ -16,7 +16,7 @@ from modules.data.demo_dataset import write_demo_dataset
 from modules.models.sdxl import masked_mse
 from modules.training.trainer import TrainingRun, train
 from tests.data_helpers import write_image, write_truncated_png
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import run_cli, straight_and_resumed, tiny_config
 
 
 @pytest.fixture
@@ -193,8 +193,6 @@ def test_resume_is_exact_with_buckets_and_augmentations(
     tiny_sdxl_path: Path, mixed_folder: Path, tmp_path: Path
 ) -> None:
     """Crops, flips, tag shuffles and fractional repeats come from (seed, position) alone."""
-    from tests.test_training import StopAtStep
-
     concept = {"path": str(mixed_folder), "shuffle_tags": True, "caption_dropout": 0.3}
     sections = {
         "data": {
@@ -207,12 +205,11 @@ def test_resume_is_exact_with_buckets_and_augmentations(
         "lora": {"rank": 4, "alpha": 4, "dropout": 0.1},
         "output": {"save_dtype": "float32"},
     }
-    straight = train(
-        load_config(raw=tiny_config(tiny_sdxl_path, mixed_folder, tmp_path / "a", **sections))
+    a, b = straight_and_resumed(
+        lambda workspace: load_config(
+            raw=tiny_config(tiny_sdxl_path, mixed_folder, workspace, **sections)
+        ),
+        tmp_path,
+        stop_at=2,
     )
-    config = load_config(raw=tiny_config(tiny_sdxl_path, mixed_folder, tmp_path / "b", **sections))
-    run = TrainingRun(config)
-    assert run.run(StopAtStep(run, 2)).interrupted
-    resumed = train(config, resume_latest=True)
-    a, b = load_file(straight.paths.output), load_file(resumed.paths.output)
     assert all(torch.equal(a[k], b[k]) for k in a)

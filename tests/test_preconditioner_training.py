@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
-from modules.training.trainer import TrainingRun, train
-from tests.helpers import run_cli, tiny_config
+from modules.config.schema import TrainConfig
+from modules.training.trainer import TrainingRun
+from tests.helpers import run_cli, straight_and_resumed, tiny_config
 from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
-from tests.test_training import StopAtStep
 
 ADAPRELORA = {"riemannian_preconditioning": True, "preconditioner": "adaprelora"}
 
@@ -91,21 +91,18 @@ def test_resume_is_exact_with_adaprelora_statistics(
         "backup": {"every_n_steps": 0},
         "output": {"save_dtype": "float32"},
     }
-    straight = tmp_path / "straight"
-    train(load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, straight, **sections)))
 
-    stopped = tmp_path / "stopped"
-    config = load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, stopped, **sections))
-    run = TrainingRun(config)
-    assert run.run(StopAtStep(run, 3)).interrupted
-    saved = torch.load(stopped / "backups" / "step-000003" / "state.pt", weights_only=True)
+    def make_config(workspace: Path) -> TrainConfig:
+        return load_config(
+            raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, **sections)
+        )
+
+    a, b = straight_and_resumed(make_config, tmp_path, stop_at=3)
+    saved = torch.load(
+        tmp_path / "stopped" / "backups" / "step-000003" / "state.pt", weights_only=True
+    )
     assert saved["preconditioner"]["applied_steps"] == 3
     assert saved["preconditioner"]["rows"][0].abs().sum() > 0  # the Adafactor moments travel
-
-    resumed = train(config, resume_latest=True)
-    assert resumed.steps == 6
-    a = load_file(straight / "test-lora.safetensors")
-    b = load_file(stopped / "test-lora.safetensors")
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     assert worst < 1e-6
 

@@ -13,25 +13,8 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.errors import RunError, UserError
-from modules.training.stop import StopSignal
 from modules.training.trainer import TrainingRun, train
-from tests.helpers import tiny_config
-
-
-class StopAtStep(StopSignal):
-    """Requests a stop once the run reaches `step`, like a Ctrl-C at that moment."""
-
-    def __init__(self, run: TrainingRun, step: int) -> None:
-        super().__init__()
-        self.run, self.step = run, step
-
-    @property
-    def requested(self) -> bool:
-        return self.run.state.progress.step >= self.step
-
-    @requested.setter
-    def requested(self, value: bool) -> None:
-        pass
+from tests.helpers import StopAtStep, tiny_config
 
 
 def test_lora_overfits_one_batch(
