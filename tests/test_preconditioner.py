@@ -316,3 +316,33 @@ def test_coverage_names_what_is_left_out_and_finds_pairs_by_links_not_names() ->
     summary = coverage.summary("adaprelora")
     assert "3 LoRA layers (unet: 3 layers at rank 2)" in summary
     assert "NOT preconditioned: 1 tensors" in summary
+
+
+def test_switching_it_on_with_nothing_to_serve_is_a_user_error() -> None:
+    from accelerate import Accelerator
+
+    from modules.config.schema import TrainConfig
+    from modules.errors import UserError
+    from modules.lora.network import LoRANetwork
+    from modules.training.preconditioning import attach_preconditioner
+
+    model = TwoLayers()
+    adapters = list(model.adapters)
+    for adapter in adapters:  # adapters of a kind the preconditioner does not know (unlinked)
+        for param in adapter.parameters():
+            del param._lora_role, param._lora_pair
+    network = LoRANetwork(
+        adapters,
+        part_of={a.name: "unet" for a in adapters},
+        module_path={a.name: a.name for a in adapters},
+        export_path={a.name: a.name for a in adapters},
+    )
+    config = TrainConfig.model_validate(
+        {"model": {"base_model": "x"}, "lora": {"riemannian_preconditioning": True}}
+    )
+    optimizer = torch.optim.AdamW(network.parameters())
+    with pytest.raises(UserError, match="no trainable tensor is a linked LoRA"):
+        attach_preconditioner(
+            config=config, network=network, optimizer=optimizer, accelerator=Accelerator()
+        )
+    assert not optimizer._optimizer_step_pre_hooks
