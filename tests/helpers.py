@@ -68,7 +68,7 @@ class StopAtStep(StopSignal):
 
     @requested.setter
     def requested(self, value: bool) -> None:
-        pass
+        """Ignored: the run, not a signal handler, decides when this stop is requested."""
 
 
 def straight_and_resumed(
