@@ -14,9 +14,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import platform
 import statistics
 import sys
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from modules.lora.preconditioning.preconditioner import (  # noqa: E402
     LoRAPreconditioner,
     PreconditionerSettings,
 )
+from modules.util.machine import benchmark_header  # noqa: E402
 from modules.util.markdown_section import replace_section  # noqa: E402
 
 VARIANTS: dict[str, Damping | None] = {
@@ -133,10 +132,9 @@ def measure(problems: list[Problem], *, steps: int, seeds: int) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], *, steps: int, seeds: int) -> str:
+def table(rows: list[dict], *, header_line: str, steps: int, seeds: int) -> str:
     lines = [
-        f"Machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {datetime.date.today().isoformat()}. "
+        f"{header_line} "
         f"Riemannian preconditioner, {steps} full-batch steps, median of {seeds} seeds. "
         "Cells: best final relative error |dW - dW*| / |dW*| over the learning-rate grid, and "
         "(in brackets) how many of the grid's learning rates ended above 0.5 (diverged or "
@@ -167,11 +165,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    header_line = benchmark_header("scripts/benchmark_damping.py")  # load before the run
     torch.set_num_threads(1)
     problems = [Problem(condition=1.0, rank=4), Problem(condition=100.0, rank=4)]
     problems.append(Problem(condition=100.0, rank=8))
     rows = measure(problems, steps=args.steps, seeds=args.seeds)
-    text = table(rows, steps=args.steps, seeds=args.seeds)
+    text = table(rows, header_line=header_line, steps=args.steps, seeds=args.seeds)
     print(text)
     if not args.no_write:
         replace_section(REPO / "docs" / "benchmarks.md", "damping", text)

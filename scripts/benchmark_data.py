@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,13 +30,8 @@ from modules.data.demo_dataset import write_demo_dataset
 from modules.data.pipeline import DataPipeline
 from modules.models.tiny_sdxl import build_tiny_sdxl
 from modules.training.trainer import TrainingRun
+from modules.util.machine import benchmark_header
 from modules.util.markdown_section import replace_section
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu} x{os.cpu_count()} CPU{gpu}, torch {torch.__version__}"
 
 
 def write_photos(folder: Path, count: int) -> None:
@@ -124,6 +117,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="record in docs/benchmarks.md")
     args = parser.parse_args()
+    header_line = benchmark_header("scripts/benchmark_data.py")  # load before the run
     workers = sorted({0, 2, min(8, os.cpu_count() or 1)})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -140,8 +134,7 @@ def main() -> int:
         cached, memory = min(timings[False]), min(timings[True])
     overhead = (cached - memory) / memory * 100
     lines = [
-        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. "
-        f"{args.images} photo-like JPEGs of 768-1800 px per side, batch 4.",
+        f"{header_line} {args.images} photo-like JPEGs of 768-1800 px per side, batch 4.",
         "",
         "| stage | images/s |",
         "| --- | --- |",

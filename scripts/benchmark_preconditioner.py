@@ -41,10 +41,8 @@ Writes both tables into docs/benchmarks.md (section `preconditioner_speed`) unle
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -66,6 +64,7 @@ from modules.lora.preconditioning.preconditioner import (  # noqa: E402
     LoRAPreconditioner,
     PreconditionerSettings,
 )
+from modules.util.machine import benchmark_header  # noqa: E402
 from modules.util.markdown_section import replace_section  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,27 +93,6 @@ def sdxl_linear_shapes() -> list[tuple[int, int]]:
 
 
 # -- the machine ------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> str:
-    load = ", load average {:.1f}/{:.1f}/{:.1f} at the start".format(*os.getloadavg())
-    host = (
-        f"{cpu_model()} ({os.cpu_count()} cores, torch using {torch.get_num_threads()} threads"
-        f"{load})"
-    )
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, host {host}, torch {torch.__version__}"
-    return f"{host}, torch {torch.__version__}"
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -164,7 +142,7 @@ def build_factor_set(rank: int, *, dtype: torch.dtype, device: torch.device) -> 
     # pass an untimed refresh() moves them into the stacks of the method about to run
     riemannian = LoRAPreconditioner(pairs, PreconditionerSettings(method="riemannian"))
     adaprelora = LoRAPreconditioner(pairs, PreconditionerSettings(method="adaprelora"))
-    for rows, cols in adaprelora.sketches:
+    for rows, cols in adaprelora.statistics.sketches:
         rows.copy_(torch.randn(rows.shape, generator=generator, device=device))
         cols.copy_(torch.randn(cols.shape, generator=generator, device=device))
     return FactorSet(pairs, riemannian, adaprelora, elements, flops)
@@ -518,12 +496,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
-    host = machine(device)  # before the run, with its load average
     sections = [
         "## LoRA gradient preconditioner speed (`scripts/benchmark_preconditioner.py`)",
         "",
-        f"Machine: {host}. Date: {datetime.date.today().isoformat()}. "
-        f"Command: `{' '.join(['python scripts/benchmark_preconditioner.py', *sys.argv[1:]])}`.",
+        benchmark_header("scripts/benchmark_preconditioner.py", device),  # load before the run
     ]
     if args.ranks:
         rows = pass_rows(args, device, dtype)

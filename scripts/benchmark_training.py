@@ -8,10 +8,8 @@ final loss and weights are finite. `--write` records the table in docs/benchmark
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,15 +24,10 @@ from modules.config.loading import load_config
 from modules.data.demo_dataset import write_demo_dataset
 from modules.models.tiny_sdxl import build_tiny_sdxl
 from modules.training.trainer import TrainingRun
+from modules.util.machine import benchmark_header
 from modules.util.markdown_section import replace_section
 
 WEIGHT_DTYPE = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU, torch {torch.__version__}"
 
 
 def measure(root: Path, precision: str, *, steps: int, warmup: int) -> dict[str, str]:
@@ -98,6 +91,7 @@ def main() -> int:
         "--write", action="store_true", help="record the table in docs/benchmarks.md"
     )
     args = parser.parse_args()
+    header_line = benchmark_header("scripts/benchmark_training.py")  # load before the run
     modes = ["no", "bf16", "fp16"] if torch.cuda.is_available() else ["no", "bf16"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -106,7 +100,7 @@ def main() -> int:
         rows = [measure(root, mode, steps=args.steps, warmup=args.warmup) for mode in modes]
     header = list(rows[0])
     lines = [
-        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. "
+        f"{header_line} "
         f"Tiny SDXL (1M-parameter UNet), LoRA rank 16 on `full` layers, batch 4 at 64 px, "
         f"{args.steps} steps, the first {args.warmup} excluded from the timing.",
         "",

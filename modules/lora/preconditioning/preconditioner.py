@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from modules.lora.preconditioning.linalg import (
@@ -26,9 +25,9 @@ from modules.lora.preconditioning.linalg import (
 from modules.lora.preconditioning.packing import FactorGroup, Pair, pack_pairs
 from modules.lora.preconditioning.sketch import (
     AdafactorMoments,
-    LayerSketch,
+    GradientStatistics,
     ProbeSource,
-    install_tap,
+    SketchStatistics,
 )
 
 Method = Literal["riemannian", "adaprelora"]
@@ -75,56 +74,45 @@ class LoRAPreconditioner:
         self.groups: list[FactorGroup] = pack_pairs(raw, [pair.scale for pair in pairs])
         self.applied_steps = 0
         self._handles: list[Any] = []
-        self.probes = ProbeSource(size=settings.sketch_size, seed=settings.seed)
         self.moments: list[AdafactorMoments] = []
-        self.sketches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.statistics: GradientStatistics | None = None
         if settings.method == "adaprelora":
-            self._install_sketches(pairs)
+            self._install_statistics(pairs)
 
     # -- AdaPreLoRA statistics ----------------------------------------------------------------------
 
-    def _install_sketches(self, pairs: list[LoRAPair]) -> None:
-        by_param = {id(pair.a): pair for pair in pairs}
-        p = self.settings.sketch_size
+    def _install_statistics(self, pairs: list[LoRAPair]) -> None:
+        base_of = {id(pair.a): pair.base for pair in pairs}
+        bases: list[list[nn.Module]] = []
         for group in self.groups:
+            layers = [base_of[id(param_a)] for param_a, _ in group.pairs]
+            if any(base is None for base in layers):
+                raise ValueError("AdaPreLoRA needs the adapted layer of every LoRA pair")
+            bases.append(layers)  # type: ignore[arg-type]
             k, m, n = len(group.pairs), group.b.shape[1], group.a.shape[2]
             options = {"dtype": torch.float32, "device": group.a.device}
-            rows, cols = torch.zeros(k, m, p, **options), torch.zeros(k, p, n, **options)
-            self.sketches.append((rows, cols))
             self.moments.append(
                 AdafactorMoments(
                     rows=torch.zeros(k, m, **options), cols=torch.zeros(k, n, **options)
                 )
             )
-            for index, (param_a, _) in enumerate(group.pairs):
-                base = by_param[id(param_a)].base
-                if base is None:
-                    raise ValueError("AdaPreLoRA needs the adapted layer of every LoRA pair")
-                sink = LayerSketch(
-                    rows=rows[index], cols=cols[index], base=base, probes=self.probes
-                )
-                self._handles.append(install_tap(sink))
+        self.statistics = SketchStatistics(
+            shapes=[(len(g.pairs), g.b.shape[1], g.a.shape[2]) for g in self.groups],
+            bases=bases,
+            probes=ProbeSource(size=self.settings.sketch_size, seed=self.settings.seed),
+            device=self.groups[0].a.device,
+        )
 
     def zero_(self) -> None:
         """Start a new accumulation cycle (called with the optimizer's zero_grad)."""
-        for rows, cols in self.sketches:
-            rows.zero_()
-            cols.zero_()
-        self.probes.next_cycle()
+        if self.statistics is not None:
+            self.statistics.zero_()
 
     def _unscale_squares(self) -> Callable[[torch.Tensor], torch.Tensor]:
         scale = self.loss_scale()
         if scale is None:
             return lambda energy: energy
         return lambda energy: energy / scale.to(energy.device).float().square()
-
-    def _reduce_sketches(self) -> None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for rows, cols in self.sketches:
-            for tensor in (rows, cols):
-                dist.all_reduce(tensor)
-                tensor /= dist.get_world_size()
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -136,6 +124,8 @@ class LoRAPreconditioner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.statistics is not None:
+            self.statistics.remove()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.precondition()
@@ -146,7 +136,7 @@ class LoRAPreconditioner:
         settings = self.settings
         self.applied_steps += 1
         if settings.method == "adaprelora":
-            self._reduce_sketches()
+            self.statistics.all_reduce_()
             unscale = self._unscale_squares()
             correction = 1 - settings.beta2**self.applied_steps
         for group in self.groups:
@@ -164,8 +154,10 @@ class LoRAPreconditioner:
                 "damping": settings.damping,
             }
             moments = self.moments[index]
-            rows, cols = self.sketches[index]
-            moments.update(row_sketch=rows, col_sketch=cols, beta2=settings.beta2, unscale=unscale)
+            row_energy, col_energy = self.statistics.energies(index)
+            moments.update(
+                row_energy=unscale(row_energy), col_energy=unscale(col_energy), beta2=settings.beta2
+            )
             weights = AdafactorWeights.from_moments(
                 moments.rows / correction, moments.cols / correction
             )
@@ -179,7 +171,7 @@ class LoRAPreconditioner:
         return {
             "method": self.settings.method,
             "applied_steps": self.applied_steps,
-            "cycle": self.probes.cycle,
+            "cycle": self.statistics.cycle if self.statistics else 0,
             "rows": [m.rows.detach().cpu().clone() for m in self.moments],
             "cols": [m.cols.detach().cpu().clone() for m in self.moments],
         }
@@ -191,7 +183,8 @@ class LoRAPreconditioner:
                 f"groups, this run uses {self.settings.method!r} with {len(self.moments)}"
             )
         self.applied_steps = state["applied_steps"]
-        self.probes.set_cycle(state["cycle"])
+        if self.statistics is not None:
+            self.statistics.set_cycle(state["cycle"])
         for moments, rows, cols in zip(self.moments, state["rows"], state["cols"], strict=True):
             moments.rows.copy_(rows)
             moments.cols.copy_(cols)

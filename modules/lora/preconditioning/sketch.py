@@ -13,10 +13,11 @@ a few percent of the LoRA's own `6 r (m + n)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -124,6 +125,86 @@ def install_tap(sink: LayerSketch) -> torch.utils.hooks.RemovableHandle:
     return sink.base.register_forward_hook(hook)
 
 
+class SketchStatistics:
+    """Row and column energies of every group's G from sketches taken in the backward pass.
+
+    Owns the probes, the (k, m, p) and (k, p, n) sketch stacks of each group and the taps on the
+    adapted layers (`bases[group][layer]`) that fill them.
+    """
+
+    def __init__(
+        self,
+        *,
+        shapes: list[tuple[int, int, int]],
+        bases: list[list[nn.Module]],
+        probes: ProbeSource,
+        device: torch.device,
+    ) -> None:
+        p = probes.size
+        options = {"dtype": torch.float32, "device": device}
+        self.probes = probes
+        self.sketches = [
+            (torch.zeros(k, m, p, **options), torch.zeros(k, p, n, **options)) for k, m, n in shapes
+        ]
+        self._handles = [
+            install_tap(LayerSketch(rows=rows[index], cols=cols[index], base=base, probes=probes))
+            for (rows, cols), layers in zip(self.sketches, bases, strict=True)
+            for index, base in enumerate(layers)
+        ]
+
+    @property
+    def cycle(self) -> int:
+        return self.probes.cycle
+
+    def set_cycle(self, cycle: int) -> None:
+        self.probes.set_cycle(cycle)
+
+    def zero_(self) -> None:
+        """Start a new accumulation cycle with fresh probes."""
+        for rows, cols in self.sketches:
+            rows.zero_()
+            cols.zero_()
+        self.probes.next_cycle()
+
+    def all_reduce_(self) -> None:
+        """Average the sketches over processes, as DDP averages gradients."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for pair in self.sketches:
+            for tensor in pair:
+                dist.all_reduce(tensor)
+                tensor /= dist.get_world_size()
+
+    def energies(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean squares of each row (k, m) and column (k, n) of the group's G, unbiased."""
+        rows, cols = self.sketches[group]
+        p, m, n = rows.shape[-1], rows.shape[1], cols.shape[-1]
+        return rows.square().sum(-1) / (p * n), cols.square().sum(-2) / (p * m)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class GradientStatistics(Protocol):
+    """Where AdaPreLoRA's row and column energies of G come from (`SketchStatistics`; the
+    statistics benchmark swaps in exact ones to measure what the sketch costs in training)."""
+
+    @property
+    def cycle(self) -> int: ...
+
+    def set_cycle(self, cycle: int) -> None: ...
+
+    def zero_(self) -> None: ...
+
+    def all_reduce_(self) -> None: ...
+
+    def energies(self, group: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def remove(self) -> None: ...
+
+
 @dataclass
 class AdafactorMoments:
     """Row and column second moments of G for one group, with Adafactor's moving average."""
@@ -131,18 +212,8 @@ class AdafactorMoments:
     rows: torch.Tensor  # (k, m)
     cols: torch.Tensor  # (k, n)
 
-    def update(
-        self,
-        *,
-        row_sketch: torch.Tensor,
-        col_sketch: torch.Tensor,
-        beta2: float,
-        unscale: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        p = row_sketch.shape[-1]
-        m, n = self.rows.shape[-1], self.cols.shape[-1]
-        row_mean = unscale(row_sketch.square().sum(-1)) / (p * n)
-        col_mean = unscale(col_sketch.square().sum(-2)) / (p * m)
+    def update(self, *, row_energy: torch.Tensor, col_energy: torch.Tensor, beta2: float) -> None:
+        """Fold in one step's mean squares per row (k, m) and column (k, n)."""
         eps = 1e-30
-        self.rows.mul_(beta2).add_(row_mean + eps, alpha=1 - beta2)
-        self.cols.mul_(beta2).add_(col_mean + eps, alpha=1 - beta2)
+        self.rows.mul_(beta2).add_(row_energy + eps, alpha=1 - beta2)
+        self.cols.mul_(beta2).add_(col_energy + eps, alpha=1 - beta2)
