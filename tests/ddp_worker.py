@@ -4,13 +4,6 @@
 config with `TrainingRun(...).run()` and writes this rank's final LoRA tensors (and AdaPreLoRA's
 row/column moments) to `OUT_DIR/rank<N>.safetensors`, with the LoRA tensors it started
 from under `start.<name>`.
-
-One change to the run, so that 2 processes and 1 process with 2-step accumulation see the same
-global batch: the diffusion noise and timesteps of each micro-batch come from a generator seeded by
-that micro-batch's (epoch, slot) in the data order instead of the run's single noise stream. That
-stream is seeded alike on every rank and consumed once per micro-batch, so without this the ranks
-draw the same noise for different images and the noise of the k-th micro-batch depends on the
-number of processes. Images, crops and captions are already seeded per slot by DataOrder.
 """
 
 from __future__ import annotations
@@ -28,21 +21,6 @@ from modules.config.loading import load_config
 from modules.training.trainer import TrainingRun
 
 
-def key_noise_by_slot(run: TrainingRun) -> None:
-    """Give each micro-batch a noise generator seeded by its (epoch, slot) in the data order."""
-    model = run.accelerator.unwrap_model(run.model)
-    forward = model.forward
-
-    def slot_seeded_forward(batch, generator: torch.Generator) -> torch.Tensor:
-        position = run.state.progress.micro_batches - 1  # counted before the forward
-        _, draws = run.data.micro_batch(position)
-        seed, epoch, slot = draws[0].seed[:3]
-        keyed = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + slot)
-        return forward(batch, keyed)
-
-    model.forward = slot_seeded_forward
-
-
 def lora_weights(run: TrainingRun) -> list[tuple[str, torch.nn.Parameter]]:
     return list(run.network.named_parameters())
 
@@ -51,7 +29,6 @@ def main(config_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     config = load_config(raw=json.loads(Path(config_path).read_text(encoding="utf-8")))
     run = TrainingRun(config)
-    key_noise_by_slot(run)
     rank = run.accelerator.process_index  # read now: end_training() ends the process group
     start = {name: param.detach().float().cpu().clone() for name, param in lora_weights(run)}
     result = run.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +36,13 @@ def tiny_config(
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a multi-process launch's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from modules.config.loading import load_config
-from tests.helpers import REPO, cli_env, run_cli, tiny_config
+from tests.helpers import REPO, cli_env, free_port, run_cli, tiny_config
 
 
 def _write(path: Path, raw: dict) -> Path:
@@ -102,14 +102,27 @@ def test_resume_without_backups_is_a_user_error(tmp_path: Path, tiny_dataset_pat
 def test_accelerate_launch_two_processes(
     tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
 ) -> None:
-    """Multi-process DDP through `accelerate launch` (gloo on CPU here, NCCL on GPUs)."""
+    """Multi-process DDP through `accelerate launch` (gloo on CPU here, NCCL on GPUs).
+
+    Launched as multi-GPU with ACCELERATE_USE_CPU=true: `--cpu --num_processes 2` would start a
+    single process (accelerate runs several CPU processes only through torchrun or mpirun).
+    """
     workspace = tmp_path / "ws"
     raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, training={"max_steps": 2})
     preset = _write(tmp_path / "p.json", raw)
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu")
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu")
     launcher += ("--num_processes", "2", "--num_machines", "1")
+    launcher += ("--main_process_port", str(free_port()))
     launcher += ("--mixed_precision", "no", "--dynamo_backend", "no")
-    result = run_cli("--config-path", str(preset), launcher=launcher, OMP_NUM_THREADS="1")
+    result = run_cli(
+        "--config-path",
+        str(preset),
+        launcher=launcher,
+        OMP_NUM_THREADS="1",
+        ACCELERATE_USE_CPU="true",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("training 40 LoRA layers") == 1  # only the main process reports
+    # 4 images in batches of 2 shared by two ranks: one micro-batch per rank and epoch
+    assert "(4 images, 1 micro-batches/epoch)" in result.stdout
     assert (workspace / "test-lora.safetensors").is_file()

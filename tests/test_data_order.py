@@ -111,6 +111,19 @@ def test_ranks_get_equal_shares_covering_the_epoch() -> None:
     assert odd.micro_per_epoch == 2 and len(batches) == 6 and batches[4:] == batches[:2]
 
 
+def test_noise_is_seeded_by_slot_so_ranks_differ_and_match_one_process() -> None:
+    """Rank r's micro-batch k is the single process's micro-batch 2k + r: same data, same noise;
+    two ranks never share their noise."""
+    whole = _order(GROUPS, batch_size=1)
+    ranks = [_order(GROUPS, batch_size=1, rank=r, world=2) for r in range(2)]
+    for k in range(9):  # across an epoch boundary
+        for rank, order in enumerate(ranks):
+            assert order.micro_batch(k) == whole.micro_batch(2 * k + rank)
+            assert order.noise_seed(k) == whole.noise_seed(2 * k + rank)
+        assert ranks[0].noise_seed(k) != ranks[1].noise_seed(k)
+    assert len({whole.noise_seed(p) for p in range(40)}) == 40
+
+
 def test_fractional_repeats_draw_a_different_subset_each_epoch() -> None:
     order = _order([Group((64, 64), tuple(range(10)), 5)], batch_size=5)
     subsets = [frozenset(order.epoch_batches(e)[0]) for e in range(6)]

@@ -7,9 +7,9 @@ gradients, the ranks' directions would differ and their LoRA weights would silen
 
 Two processes with per-rank batch 1 see the same global batch as one process with batch 1 and 2
 accumulation steps: DataOrder gives rank r of micro-batch k the epoch's slot `2k + r`, the one
-process its micro-batches `2k` and `2k + 1`, and seeds each sample's augmentations by slot.
-tests/ddp_worker.py keys the diffusion noise by slot as well (see there), so both runs take the
-same steps up to float reduction order.
+process its micro-batches `2k` and `2k + 1`, and seeds each sample's augmentations and each
+micro-batch's diffusion noise by slot (`DataOrder.noise_seed`), so both runs take the same steps
+up to float reduction order.
 
 `accelerate launch --cpu --num_processes 2` would start ONE process (accelerate 1.x runs several
 CPU processes only through mpirun), so the launch here is the multi-GPU launcher (torchrun) with
@@ -19,7 +19,6 @@ ACCELERATE_USE_CPU=true, which gives accelerate's MULTI_CPU state and DDP over g
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,16 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cli_env, tiny_config
+from tests.helpers import REPO, cli_env, free_port, tiny_config
 
 WORKER = REPO / "tests" / "ddp_worker.py"
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _train(root: Path, name: str, raw: dict, *, processes: int) -> list[dict[str, torch.Tensor]]:
@@ -49,7 +42,7 @@ def _train(root: Path, name: str, raw: dict, *, processes: int) -> list[dict[str
         # not `--cpu`, which starts a single process: see the module docstring
         launcher += ("-m", "accelerate.commands.launch", "--multi_gpu")
         launcher += ("--num_processes", str(processes), "--num_machines", "1")
-        launcher += ("--main_process_port", str(_free_port()))
+        launcher += ("--main_process_port", str(free_port()))
         launcher += ("--mixed_precision", "no", "--dynamo_backend", "no")
     out = root / f"{name}-out"
     result = subprocess.run(

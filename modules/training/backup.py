@@ -38,7 +38,6 @@ class TrainingState:
     network: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    noise_generator: torch.Generator
     progress: Progress
     scaler: Any = None
     preconditioner: Any = None  # LoRAPreconditioner: AdaPreLoRA's moments must survive a resume
@@ -68,7 +67,6 @@ def write_backup(
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "rng_noise": state.noise_generator.get_state(),
                 "preconditioner": (
                     state.preconditioner.state_dict() if state.preconditioner is not None else None
                 ),
@@ -128,7 +126,6 @@ def read_backup(state: TrainingState, path: Path) -> None:
     torch.set_rng_state(saved["rng_cpu"])
     if torch.cuda.is_available() and saved["rng_cuda"]:
         torch.cuda.set_rng_state_all(saved["rng_cuda"])
-    state.noise_generator.set_state(saved["rng_noise"])
     if state.preconditioner is not None:
         if saved.get("preconditioner") is None:
             raise UserError(

@@ -88,6 +88,17 @@ class DataOrder:
         self._plan = (epoch, batches)
         return batches
 
+    def noise_seed(self, position: int) -> int:
+        """Seed of the diffusion noise and timesteps of this rank's micro-batch at `position`.
+
+        Keyed like the augmentations by (seed, epoch, slot): every rank draws its own noise, the
+        draws do not depend on the number of processes (2 ranks see what 1 process accumulating
+        2 micro-batches sees), and a resumed run needs no saved generator state.
+        """
+        epoch, offset = divmod(position, self.micro_per_epoch)
+        slot = offset * self.world + self.rank
+        return (self.seed * 1_000_003 + epoch * 10_007 + slot) % (2**63)
+
     def micro_batch(self, position: int) -> tuple[int, list[Draw]]:
         """(epoch, draws) of this rank's micro-batch at `position` counted from the start."""
         epoch, offset = divmod(position, self.micro_per_epoch)

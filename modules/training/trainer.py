@@ -151,11 +151,12 @@ class TrainingRun:
             network=self.network,
             optimizer=self.optimizer,
             scheduler=scheduler,
-            noise_generator=torch.Generator().manual_seed(config.training.seed),
             progress=Progress(),
             scaler=self.accelerator.scaler,
             preconditioner=self.preconditioner,
         )
+        # reseeded per micro-batch from its place in the data order (DataOrder.noise_seed)
+        self._noise = torch.Generator()
         self.config_json = config_to_json(config)
         self.last_backup: Path | None = None
         if resume_path is not None:
@@ -229,8 +230,9 @@ class TrainingRun:
                 progress.micro_batches += 1
                 if batch is None:
                     continue
+                noise = self._noise.manual_seed(self.data.noise_seed(progress.micro_batches - 1))
                 with self.pipeline.micro_batch():
-                    loss = self.model(batch, self.state.noise_generator)
+                    loss = self.model(batch, noise)
                 self.pipeline.backward(loss)
                 if self.pipeline.ready:
                     outcome = self.pipeline.step()
