@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
-from modules.lora.preconditioning.linalg import (
+from modules.lora.preconditioning import adaprelora, linalg
+from modules.lora.preconditioning.adaprelora import (
     AdafactorWeights,
-    Damping,
     adaprelora_directions,
-    damped_inverse,
-    riemannian_directions,
+    adaprelora_precondition_,
 )
+from modules.lora.preconditioning.linalg import Damping, damped_inverse, riemannian_directions
 
 EXACT = Damping(relative=0.0, absolute=0.0)
 
@@ -177,3 +179,103 @@ def test_computes_in_float32_for_half_precision_inputs() -> None:
         **{k: v.double() for k, v in half.items()}, scale=scale, damping=Damping()
     )
     torch.testing.assert_close(da.double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@dataclass
+class _Stacks:
+    a: torch.Tensor
+    b: torch.Tensor
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    scale: torch.Tensor
+
+
+def _groups(dtype: torch.dtype, seed: int = 11) -> tuple[list[_Stacks], list[AdafactorWeights]]:
+    """Random groups: three of rank 2 (one batch), one of rank 3, and a Conv2d-shaped one
+    (n = in * kh * kw), with Adafactor weights from random moments."""
+    gen = torch.Generator().manual_seed(seed)
+    groups, weights = [], []
+    for k, m, n, r in [
+        (3, 7, 5, 2),
+        (4, 9, 6, 2),
+        (1, 5, 4, 2),
+        (2, 8, 8, 3),
+        (2, 6, 4 * 3 * 3, 2),
+    ]:
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+        stacks = _Stacks(rand(k, r, n), rand(k, m, r), rand(k, r, n), rand(k, m, r), rand(k).abs())
+        for name in ("a", "b", "grad_a", "grad_b"):
+            setattr(stacks, name, getattr(stacks, name).to(dtype))
+        groups.append(stacks)
+        rows = torch.rand(k, m, generator=gen) + 0.1
+        weights.append(AdafactorWeights.from_moments(rows, torch.rand(k, n, generator=gen) + 0.1))
+    return groups, weights
+
+
+def _references(
+    groups: list[_Stacks], weights: list[AdafactorWeights], damping: Damping
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        adaprelora_directions(
+            a=g.a.double(),
+            b=g.b.double(),
+            grad_a=g.grad_a.double(),
+            grad_b=g.grad_b.double(),
+            scale=g.scale,
+            weights=w,
+            damping=damping,
+        )
+        for g, w in zip(groups, weights, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("chunk", [None, 40])  # whole groups, and chunks of a few layers
+def test_adaprelora_in_place_pass_equals_the_reference(
+    monkeypatch: pytest.MonkeyPatch, chunk: int | None
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", chunk * adaprelora.CHUNK_DIVISOR)
+    groups, weights = _groups(torch.float64)
+    # layer 1 of group 0: B = 0, so S_B is singular and (undamped) its Cholesky fails;
+    # layer 0 of group 1: a NaN weight (its rows of dB are NaN in both, nothing else is)
+    groups[0].b[1] = 0.0
+    weights[1].left[0, 2] = float("nan")
+    damping = Damping(relative=0.0, absolute=0.0)
+    expected = _references(groups, weights, damping)
+    adaprelora_precondition_(groups, weights, damping)
+    for group, (da, db) in zip(groups, expected, strict=True):
+        torch.testing.assert_close(group.grad_a, da, rtol=1e-10, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(group.grad_b, db, rtol=1e-10, atol=1e-12, equal_nan=True)
+    assert torch.isnan(groups[1].grad_b[0, 2]).all() and torch.isfinite(groups[1].grad_a).all()
+    assert torch.isfinite(groups[0].grad_a).all() and torch.isfinite(groups[0].grad_b).all()
+
+
+def test_adaprelora_in_place_pass_with_damping_and_identity_fallback() -> None:
+    groups, weights = _groups(torch.float64, seed=12)
+    groups[2].a.mul_(1e-6)  # A's Gram below identity_below: g_B keeps L^-1 g_B's shape
+    damping = Damping(relative=0.05, absolute=1e-4, identity_below=1e-3)
+    expected = _references(groups, weights, damping)
+    adaprelora_precondition_(groups, weights, damping)
+    for group, (da, db) in zip(groups, expected, strict=True):
+        torch.testing.assert_close(group.grad_a, da, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(group.grad_b, db, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_adaprelora_in_place_pass_on_bf16_computes_in_float32(
+    monkeypatch: pytest.MonkeyPatch, chunk: int | None
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", chunk * adaprelora.CHUNK_DIVISOR)
+    groups, weights = _groups(torch.bfloat16)
+    damping = Damping()
+    expected = _references(groups, weights, damping)  # float64 from the same bf16 values
+    adaprelora_precondition_(groups, weights, damping)
+    for group, (da, db) in zip(groups, expected, strict=True):
+        assert group.grad_a.dtype == torch.bfloat16 and group.grad_b.dtype == torch.bfloat16
+        # float32 algebra, then one rounding to bf16 (relative error at most 2^-9)
+        torch.testing.assert_close(group.grad_a.double(), da, rtol=4e-3, atol=1e-6)
+        torch.testing.assert_close(group.grad_b.double(), db, rtol=4e-3, atol=1e-6)

@@ -1,4 +1,7 @@
-"""Batched r x r algebra of the two preconditioners, on stacks of k same-shaped LoRA layers.
+"""Batched r x r algebra of the preconditioners, on stacks of k same-shaped LoRA layers.
+
+The Riemannian method lives here with the shared pieces (damping, chunking, batching by rank);
+AdaPreLoRA's weighted variant, built on them, in `adaprelora`.
 
 Shapes: A (k, r, n), B (k, m, r), g_A like A, g_B like B, s (k,). Everything is computed in
 float32 (or float64 when the inputs are float64, which the tests use as the reference) and returned
@@ -81,21 +84,12 @@ def _spd_inverse(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return inverse_factor.mT @ inverse_factor, factored
 
 
-def scaled_factors(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(s A, s B)` in the compute dtype: the factors as the W = s B A product sees them."""
-    dtype = compute_dtype(a.dtype)
-    s = scale.to(dtype)[:, None, None]
-    return a.to(dtype) * s, b.to(dtype) * s
-
-
 def chunk_elements(device: torch.device) -> int | None:
     """How many entries the in-place products take at a time on `device` (None: all)."""
     return CPU_CHUNK_ELEMENTS if device.type == "cpu" else None
 
 
-def _layer_slices(k: int, per_layer: int, budget: int | None) -> Iterator[slice]:
+def layer_slices(k: int, per_layer: int, budget: int | None) -> Iterator[slice]:
     step = k if budget is None else max(1, budget // per_layer)
     for start in range(0, k, step):
         yield slice(start, min(k, start + step))
@@ -111,7 +105,7 @@ def gram_into(
     """
     if factor.dtype == out.dtype:
         budget = None  # nothing to convert, nothing to chunk
-    for layers in _layer_slices(factor.shape[0], factor[0].numel(), budget):
+    for layers in layer_slices(factor.shape[0], factor[0].numel(), budget):
         x = factor[layers].to(out.dtype)
         if columns:
             torch.bmm(x.mT, x, out=out[layers])
@@ -127,7 +121,7 @@ def multiply_(
     Each chunk's product goes to a scratch buffer and is copied (and cast) back into `grad`.
     """
     k, per_layer = grad.shape[0], grad[0].numel()
-    slices = list(_layer_slices(k, per_layer, budget))
+    slices = list(layer_slices(k, per_layer, budget))
     largest = max(layers.stop - layers.start for layers in slices) * per_layer
     options = {"dtype": operator.dtype, "device": grad.device}
     result = torch.empty(largest, **options)
@@ -183,24 +177,24 @@ class FactorStacks(Protocol):
     scale: torch.Tensor
 
 
-def _inverse_batches(groups: Sequence[FactorStacks]) -> Iterator[list[FactorStacks]]:
-    """Groups of one rank, device and compute dtype, in batches of at most CPU_GRAM_BYTES of
-    Grams on the CPU (a group larger than that alone) and whole on a GPU."""
-    by_key: dict[tuple, list[FactorStacks]] = {}
-    for group in groups:
+def rank_batches(groups: Sequence[FactorStacks]) -> Iterator[list[int]]:
+    """Indices of groups of one rank, device and compute dtype, in batches of at most
+    CPU_GRAM_BYTES of Grams on the CPU (a group larger than that alone) and whole on a GPU."""
+    by_key: dict[tuple, list[int]] = {}
+    for index, group in enumerate(groups):
         key = (group.a.shape[1], group.a.device, compute_dtype(group.a.dtype))
-        by_key.setdefault(key, []).append(group)
+        by_key.setdefault(key, []).append(index)
     for (r, device, dtype), members in by_key.items():
         limit = CPU_GRAM_BYTES if device.type == "cpu" else None
         per_layer = 2 * r * r * torch.finfo(dtype).bits // 8
-        batch: list[FactorStacks] = []
+        batch: list[int] = []
         size = 0
-        for group in members:
-            grams = per_layer * group.a.shape[0]
+        for index in members:
+            grams = per_layer * groups[index].a.shape[0]
             if batch and limit is not None and size + grams > limit:
                 yield batch
                 batch, size = [], 0
-            batch.append(group)
+            batch.append(index)
             size += grams
         yield batch
 
@@ -212,7 +206,8 @@ def riemannian_precondition_(groups: Sequence[FactorStacks], damping: Damping) -
     written once, in cache-sized chunks on the CPU (see `multiply_`), and the r x r inverses of
     many groups are taken in one batched call.
     """
-    for batch in _inverse_batches(groups):
+    for indices in rank_batches(groups):
+        batch = [groups[index] for index in indices]
         first = batch[0].a
         r, device = first.shape[1], first.device
         budget = chunk_elements(device)
@@ -242,59 +237,3 @@ def riemannian_directions(
     inv_b, inv_a = riemannian_operators(a, b, scale, damping)
     dtype = inv_a.dtype
     return inv_b @ grad_a.to(dtype), grad_b.to(dtype) @ inv_a
-
-
-@dataclass(frozen=True)
-class AdafactorWeights:
-    """Diagonal Kronecker weights `L` (k, m) and `R` (k, n) with `V = (L R^T)^2` (reference s.4)."""
-
-    left: torch.Tensor
-    right: torch.Tensor
-
-    @classmethod
-    def from_moments(
-        cls, rows: torch.Tensor, cols: torch.Tensor, *, floor: float = 1e-3
-    ) -> AdafactorWeights:
-        """From Adafactor's row and column second moments (k, m) and (k, n).
-
-        Entries are floored at `floor` times their layer's mean so that a row the estimate puts
-        near zero cannot blow up its weight; `V = rows cols^T / mean(rows)` as in Adafactor.
-        """
-        rows = torch.maximum(rows, floor * rows.mean(-1, keepdim=True))
-        cols = torch.maximum(cols, floor * cols.mean(-1, keepdim=True))
-        norm = rows.mean(-1, keepdim=True).pow(0.25)
-        return cls(left=rows.sqrt() / norm, right=cols.sqrt() / norm)
-
-
-def adaprelora_directions(
-    *,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    grad_a: torch.Tensor,
-    grad_b: torch.Tensor,
-    scale: torch.Tensor,
-    weights: AdafactorWeights,
-    damping: Damping,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """AdaPreLoRA's factor step: the H-weighted tangent projection of `L^-1 G R^-1`, split evenly.
-
-    `dA = S_B^-1 g_A R^-1 - 1/2 S_B^-1 (g_A sA^T) S_A^-1 sA` and
-    `dB = L^-1 g_B S_A^-1 - 1/2 sB S_B^-1 (sB^T g_B) S_A^-1` with `S_B = s^2 B^T L B` and
-    `S_A = s^2 A R A^T` (derivation in shared/reference/preconditioning.md, s folded into the
-    factors). With L = R = I the W-step is `P_B G + G P_A - P_B G P_A`.
-    """
-    sa, sb = scaled_factors(a, b, scale)
-    dtype = sa.dtype
-    left = weights.left.to(dtype)
-    right = weights.right.to(dtype)
-    inv_b = damped_inverse(sb.mT @ (left[:, :, None] * sb), damping)
-    inv_a = damped_inverse((sa * right[:, None, :]) @ sa.mT, damping)
-    ga = grad_a.to(dtype)
-    gb = grad_b.to(dtype)
-    solved_a = inv_b @ ga
-    solved_b = gb @ inv_a
-    overlap_a = (solved_a @ sa.mT) @ inv_a
-    overlap_b = inv_b @ (sb.mT @ solved_b)
-    direction_a = solved_a / right[:, None, :] - 0.5 * overlap_a @ sa
-    direction_b = solved_b / left[:, :, None] - 0.5 * sb @ overlap_b
-    return direction_a, direction_b

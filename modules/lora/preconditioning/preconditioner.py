@@ -16,12 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modules.lora.preconditioning.linalg import (
-    AdafactorWeights,
-    Damping,
-    adaprelora_directions,
-    riemannian_precondition_,
-)
+from modules.lora.preconditioning.adaprelora import AdafactorWeights, adaprelora_precondition_
+from modules.lora.preconditioning.linalg import Damping, riemannian_precondition_
 from modules.lora.preconditioning.packing import FactorGroup, Pair, pack_pairs
 from modules.lora.preconditioning.sketch import (
     AdafactorMoments,
@@ -144,26 +140,16 @@ class LoRAPreconditioner:
         if settings.method == "riemannian":
             riemannian_precondition_(self.groups, settings.damping)  # in place
             return
-        for index, group in enumerate(self.groups):
-            common = {
-                "a": group.a,
-                "b": group.b,
-                "grad_a": group.grad_a,
-                "grad_b": group.grad_b,
-                "scale": group.scale,
-                "damping": settings.damping,
-            }
-            moments = self.moments[index]
+        weights = []
+        for index, moments in enumerate(self.moments):
             row_energy, col_energy = self.statistics.energies(index)
             moments.update(
                 row_energy=unscale(row_energy), col_energy=unscale(col_energy), beta2=settings.beta2
             )
-            weights = AdafactorWeights.from_moments(
-                moments.rows / correction, moments.cols / correction
+            weights.append(
+                AdafactorWeights.from_moments(moments.rows / correction, moments.cols / correction)
             )
-            direction_a, direction_b = adaprelora_directions(**common, weights=weights)
-            group.grad_a.copy_(direction_a)
-            group.grad_b.copy_(direction_b)
+        adaprelora_precondition_(self.groups, weights, settings.damping)  # in place
 
     # -- backups ----------------------------------------------------------------------------------
 
