@@ -1,4 +1,4 @@
-"""What AdaPreLoRA's sketched gradient statistics cost and change, against exact statistics.
+"""What AdaPreLoRA's sketched gradient statistics change in training, against exact statistics.
 
 AdaPreLoRA weights the LoRA factor gradients by Adafactor-style row and column second moments of
 each adapted layer's full weight gradient G = dL/dW (m x n). The trainer never forms G: its
@@ -29,9 +29,8 @@ the same noise. Reported per setting (median over seeds):
   on the exact trajectory compares like with like; the loss and dW columns show what the noise
   does when the sketch actually steers the run.
 
-Cost: runs of `--time-steps` steps of exact statistics, the sketch at p = 8, Riemannian and off,
-`--time-rounds` rounds in rotating order (interleaved), the first `--time-warmup` steps of each
-run dropped; median seconds per optimizer step. Memory: exact statistics by this route keep a
+Cost: `scripts/benchmark_preconditioner_step.py` times exact statistics and the sketch step by step,
+side by side with the other settings. Memory: exact statistics by this route keep a
 full m x n gradient per adapted layer (it must survive gradient accumulation); for SDXL's 722
 attention/MLP Linear layers (shapes from `sdxl_linear_shapes()` in
 scripts/benchmark_preconditioner.py) that is sum m n * 4 bytes at fp32, against (m + n) p * 4
@@ -40,13 +39,12 @@ bytes for the sketches.
 Writes the tables into docs/benchmarks.md (section `adaprelora_statistics`) unless `--no-write`.
 
     python scripts/benchmark_adaprelora_statistics.py [--steps 40] [--seeds 3] [--threads 2]
-        [--time-rounds 3 --time-steps 10] [--no-write]
+        [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import statistics
@@ -62,143 +60,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from benchmark_preconditioner import sdxl_linear_shapes  # noqa: E402
-from torch import nn  # noqa: E402
+from exact_statistics import Alongside, relative_errors, use_exact_statistics  # noqa: E402
 
-from modules.lora.preconditioning.sketch import (  # noqa: E402
-    AdafactorMoments,
-    ProbeSource,
-    SketchStatistics,
-)
 from modules.util.machine import benchmark_header  # noqa: E402
 from modules.util.markdown_section import replace_section  # noqa: E402
 
 PROBES = (2, 8, 32)
-TIMED = ("exact", "sketch p=8", "riemannian", "off")
-
-
-# -- exact statistics -------------------------------------------------------------------------------
-
-
-class ExactStatistics:
-    """`GradientStatistics` from the exact G of every adapted layer: the base weight's gradient.
-
-    `bases[group][layer]` in the group's layer order. The base weights get `requires_grad` (they
-    are in no optimizer, so they never move); `zero_` drops their gradients. Single process only:
-    `all_reduce_` does nothing.
-    """
-
-    def __init__(self, bases: list[list[nn.Module]]) -> None:
-        self.bases = bases
-        self._cycle = 0
-        for layers in bases:
-            for base in layers:
-                base.weight.requires_grad_(True)
-
-    @property
-    def cycle(self) -> int:
-        return self._cycle
-
-    def set_cycle(self, cycle: int) -> None:
-        self._cycle = cycle
-
-    def zero_(self) -> None:
-        for layers in self.bases:
-            for base in layers:
-                base.weight.grad = None
-        self._cycle += 1
-
-    def all_reduce_(self) -> None:
-        """Nothing to do in this single-process benchmark."""
-
-    def energies(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = [], []
-        for base in self.bases[group]:
-            weight = base.weight
-            grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-            g = grad.detach().flatten(1).float()  # Conv2d: (out, in * kh * kw)
-            rows.append(g.square().mean(-1))
-            cols.append(g.square().mean(-2))
-        return torch.stack(rows), torch.stack(cols)
-
-    def remove(self) -> None:
-        for layers in self.bases:
-            for base in layers:
-                base.weight.grad = None
-                base.weight.requires_grad_(False)
-
-
-def relative_errors(estimate: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """|estimate - exact| / |exact| of each layer (row of a (k, d) stack)."""
-    return (estimate - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-30)
-
-
-class Alongside:
-    """The exact statistics steer the run; sketches at several p observe the same gradients.
-
-    Each sketch keeps its own Adafactor moments (same beta2) and the per-step relative error of
-    its energies against the exact ones, per layer.
-    """
-
-    def __init__(
-        self,
-        exact: ExactStatistics,
-        sketches: dict[int, SketchStatistics],
-        *,
-        shapes: list[tuple[int, int, int]],
-        beta2: float,
-        device: torch.device,
-    ) -> None:
-        self.exact = exact
-        self.sketches = sketches
-        self.beta2 = beta2
-        options = {"dtype": torch.float32, "device": device}
-        self.moments = {
-            p: [
-                AdafactorMoments(
-                    rows=torch.zeros(k, m, **options), cols=torch.zeros(k, n, **options)
-                )
-                for k, m, n in shapes
-            ]
-            for p in sketches
-        }
-        # p -> group -> list over steps of (rows, cols) per-layer relative errors
-        self.step_errors: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {
-            p: [[] for _ in shapes] for p in sketches
-        }
-
-    @property
-    def cycle(self) -> int:
-        return self.exact.cycle
-
-    def set_cycle(self, cycle: int) -> None:
-        self.exact.set_cycle(cycle)
-        for sketch in self.sketches.values():
-            sketch.set_cycle(cycle)
-
-    def zero_(self) -> None:
-        self.exact.zero_()
-        for sketch in self.sketches.values():
-            sketch.zero_()
-
-    def all_reduce_(self) -> None:
-        self.exact.all_reduce_()
-
-    def energies(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = self.exact.energies(group)
-        for p, sketch in self.sketches.items():
-            sketch_rows, sketch_cols = sketch.energies(group)
-            self.moments[p][group].update(
-                row_energy=sketch_rows, col_energy=sketch_cols, beta2=self.beta2
-            )
-            self.step_errors[p][group].append(
-                (relative_errors(sketch_rows, rows), relative_errors(sketch_cols, cols))
-            )
-        return rows, cols
-
-    def remove(self) -> None:
-        self.exact.remove()
-        for sketch in self.sketches.values():
-            sketch.remove()
 
 
 # -- one training run ------------------------------------------------------------------------------
@@ -222,38 +89,6 @@ def training_config(root: Path, setting: str, *, steps: int, seed: int, name: st
         "sampling": {"prompts": [], "at_end": False},
         "output": {"workspace_dir": str(root / name), "name": "bench-lora"},
     }
-
-
-def bases_of_groups(run) -> list[list[nn.Module]]:
-    """The adapted layer of every (group, layer) of the run's preconditioner, in group order."""
-    base_of = {id(ad.lora_down.weight): ad.base for ad in run.network.adapters.values()}
-    return [[base_of[id(a)] for a, _ in group.pairs] for group in run.preconditioner.groups]
-
-
-def use_exact_statistics(run, *, alongside: tuple[int, ...]) -> Alongside | None:
-    """Replace the run's sketch by exact statistics, optionally with observing sketches."""
-    preconditioner = run.preconditioner
-    preconditioner.statistics.remove()
-    bases = bases_of_groups(run)
-    exact = ExactStatistics(bases)
-    if not alongside:
-        preconditioner.statistics = exact
-        return None
-    groups = preconditioner.groups
-    shapes = [(len(g.pairs), g.b.shape[1], g.a.shape[2]) for g in groups]
-    device = groups[0].a.device
-    seed = preconditioner.settings.seed
-    sketches = {
-        p: SketchStatistics(
-            shapes=shapes, bases=bases, probes=ProbeSource(size=p, seed=seed), device=device
-        )
-        for p in alongside
-    }
-    observer = Alongside(
-        exact, sketches, shapes=shapes, beta2=preconditioner.settings.beta2, device=device
-    )
-    preconditioner.statistics = observer
-    return observer
 
 
 def train(raw: dict, setting: str, *, alongside: tuple[int, ...] = ()) -> dict:
@@ -379,27 +214,6 @@ def effect(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-def cost(args: argparse.Namespace, root: Path) -> dict:
-    times: dict[str, list[float]] = {name: [] for name in TIMED}
-    for repeat in range(args.time_rounds):
-        order = list(TIMED[repeat % len(TIMED) :] + TIMED[: repeat % len(TIMED)])
-        for name in order:
-            raw = training_config(
-                root, name, steps=args.time_steps, seed=100 + repeat, name=f"t{repeat}-{name}"
-            )
-            stamps = train(raw, name)["stamps"]
-            steps = [b - a for a, b in itertools.pairwise(stamps[args.time_warmup :])]
-            times[name] += steps
-            print(
-                f"timing round {repeat} {name:12s}: {statistics.median(steps):.3f} s/step",
-                flush=True,
-            )
-    return {
-        "median": {name: statistics.median(values) for name, values in times.items()},
-        "count": {name: len(values) for name, values in times.items()},
-    }
-
-
 def memory() -> dict[str, float]:
     shapes = sdxl_linear_shapes()
     exact = sum(m * n * 4 for m, n in shapes)
@@ -454,31 +268,17 @@ def effect_table(result: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def cost_table(result: dict, mem: dict, args: argparse.Namespace) -> str:
-    median = result["median"]
-    off = median["off"]
-    lines = [
-        f"Cost: the same runs, {args.time_rounds} rounds of {args.time_steps} steps per setting "
-        f"in rotating order, the first {args.time_warmup} steps of each run dropped "
-        f"({result['count']['exact']} steps timed per setting); median s/step.",
-        "",
-        "| statistics | s/step | vs preconditioning off |",
-        "|---|---|---|",
-    ]
-    for name in TIMED:
-        vs = f"{100 * (median[name] / off - 1):+.1f}%" if name != "off" else ""
-        lines.append(f"| {LABELS[name]} | {median[name] * 1e3:.0f} ms | {vs} |")
-    lines += [
-        "",
+def memory_line(mem: dict) -> str:
+    return (
         f"Memory at SDXL scale ({mem['layers']} attention/MLP Linear layers, fp32): exact "
         f"statistics through the base weight gradients keep a full m x n gradient per layer, "
         f"{mem['exact'] / 2**30:.2f} GiB; the p = 8 sketches take {mem['sketch'] / 2**20:.1f} MiB "
-        "(both survive gradient accumulation).",
-    ]
-    return "\n".join(lines)
+        "(both survive gradient accumulation). Step time of exact statistics against the sketch: "
+        "`scripts/benchmark_preconditioner_step.py`, section below."
+    )
 
 
-def reading(effect_result: dict, cost_result: dict, mem: dict, load: float) -> str:
+def reading(effect_result: dict, mem: dict) -> str:
     loss, diff = effect_result["loss"], effect_result["difference"]
     exact = loss["exact"]
 
@@ -493,7 +293,6 @@ def reading(effect_result: dict, cost_result: dict, mem: dict, load: float) -> s
         f"{diff[name]:.3f} at p = {name.removeprefix('sketch p=')}" for name in sketch_names
     )
     a8 = effect_result["agreement"][8]
-    median = cost_result["median"]
     sketch_loss = ", ".join(f"{pct(n)} (p = {n.removeprefix('sketch p=')})" for n in sketch_names)
     sentences = [
         f"Training with the sketch ends at a loss {sketch_loss} from exact statistics "
@@ -511,18 +310,9 @@ def reading(effect_result: dict, cost_result: dict, mem: dict, load: float) -> s
         f"(rows / cols, median layer; sqrt(2/p) = 0.50 is what p Gaussian probes give a "
         "single energy) and the moving-average moments by "
         f"{a8['final rows']:.2f} / {a8['final cols']:.2f}.",
-        f"Exact statistics cost {100 * (median['exact'] / median['off'] - 1):+.0f}% per step over "
-        f"plain AdamW here against {100 * (median['sketch p=8'] / median['off'] - 1):+.0f}% for "
-        f"the p = 8 sketch ({100 * (median['riemannian'] / median['off'] - 1):+.0f}% for "
-        f"Riemannian), and at SDXL scale {mem['exact'] / 2**30:.1f} GiB of gradient memory "
-        f"against {mem['sketch'] / 2**20:.0f} MiB.",
+        f"Exact statistics would need {mem['exact'] / 2**30:.1f} GiB of gradient memory at SDXL "
+        f"scale against {mem['sketch'] / 2**20:.0f} MiB for the sketch.",
     ]
-    if load > 0.75 * (os.cpu_count() or 1):
-        sentences.append(
-            f"Other jobs loaded the machine (load average {load:.1f} at the end on "
-            f"{os.cpu_count()} cores), so the step times are noisy: read differences of a few "
-            "percent as noise."
-        )
     return " ".join(sentences)
 
 
@@ -531,9 +321,6 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--time-rounds", type=int, default=3)
-    parser.add_argument("--time-steps", type=int, default=10)
-    parser.add_argument("--time-warmup", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -548,9 +335,7 @@ def main() -> int:
         build_tiny_sdxl(root / "model")
         write_demo_dataset(root / "data", count=8, size=64)
         effect_result = effect(args, root)
-        cost_result = cost(args, root)
     mem = memory()
-    load = os.getloadavg()[0]
     elapsed = time.perf_counter() - started
     text = "\n".join(
         [
@@ -561,9 +346,9 @@ def main() -> int:
             "",
             effect_table(effect_result, args),
             "",
-            cost_table(cost_result, mem, args),
+            memory_line(mem),
             "",
-            reading(effect_result, cost_result, mem, load),
+            reading(effect_result, mem),
         ]
     )
     print(text)

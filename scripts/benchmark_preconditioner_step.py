@@ -2,8 +2,9 @@
 
 Builds the tiny SDXL model and the demo data set in a temporary folder and constructs one real
 `TrainingRun` per setting: preconditioning off, off again (a copy: it shows how far two identical
-settings drift apart on this machine, i.e. the measurement's resolution), Riemannian and
-AdaPreLoRA. Each run trains in its own thread, but only one thread works at a time: they take
+settings drift apart on this machine, i.e. the measurement's resolution), Riemannian,
+AdaPreLoRA, and AdaPreLoRA with exact statistics (scripts/exact_statistics.py: what the sketch
+saves). Each run trains in its own thread, but only one thread works at a time: they take
 turns step by step, round robin, so every round times each setting once within a few hundred
 milliseconds of the others. Load from other jobs on a shared machine then hits all settings
 alike, which separate runs one after another (an earlier version of this benchmark) did not
@@ -34,9 +35,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from exact_statistics import use_exact_statistics  # noqa: E402
 
 from modules.config.loading import load_config  # noqa: E402
 from modules.data.demo_dataset import write_demo_dataset  # noqa: E402
@@ -51,7 +54,13 @@ SETTINGS: dict[str, dict] = {
     "off (a second copy)": {"riemannian_preconditioning": False},
     "Riemannian": {"riemannian_preconditioning": True, "preconditioner": "riemannian"},
     "AdaPreLoRA": {"riemannian_preconditioning": True, "preconditioner": "adaprelora"},
+    "AdaPreLoRA, exact statistics": {
+        "riemannian_preconditioning": True,
+        "preconditioner": "adaprelora",
+    },
 }
+# settings that change the run after it is built
+ADJUST = {"AdaPreLoRA, exact statistics": lambda run: use_exact_statistics(run, alongside=())}
 TARGET = 1.03  # at most 3% overhead on a whole step
 
 
@@ -148,6 +157,8 @@ def measure(root: Path, *, steps: int) -> dict[str, Timings]:
         )
         for index, (name, lora) in enumerate(SETTINGS.items())
     }
+    for name, adjust in ADJUST.items():
+        adjust(runs[name])
     baton = RoundRobin(list(runs))
     timings = {name: Timings() for name in runs}
     errors: list[BaseException] = []
