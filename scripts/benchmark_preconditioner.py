@@ -1,6 +1,6 @@
 """Speed of the LoRA gradient preconditioner at SDXL scale, against PEFT, AdamW and a floor.
 
-Part 1, the optimizer-side pass alone. Builds one LoRA factor set per attention and MLP Linear
+The optimizer-side pass alone. Builds one LoRA factor set per attention and MLP Linear
 layer of the SDXL base UNet (722 layers; only their (out, in) shapes, no UNet is built): plain
 `nn.Parameter`s A (r x in) and B (out x r) with random values (B nonzero, as in mid-training) and
 random gradients, served by our real `LoRAPreconditioner` (which packs them into per-shape stacks).
@@ -25,27 +25,20 @@ throughputs at the pass's shapes (Gram-like and product-like, rank r, 60 layers 
 quite reach).
 The copy and the bmms are timed in the same interleaved loop as the passes.
 
-Part 2, the overhead on a whole training step: the real `TrainingRun` on the tiny SDXL model
-(built into a temporary folder with the demo data set), with and without
-`lora.riemannian_preconditioning`, several short runs of each, interleaved; median s/step with
-each run's first steps excluded. The preconditioned runs also time the hook itself, which is the
-steadier measure of the overhead on a shared machine (a 3% difference in step time is within the
-noise of two cores that other jobs use too).
+The overhead on a whole training step is measured by `scripts/benchmark_preconditioner_step.py`.
 
-Writes both tables into docs/benchmarks.md (section `preconditioner_speed`) unless `--no-write`.
+Writes the table into docs/benchmarks.md (section `preconditioner_speed`) unless `--no-write`.
 
     python scripts/benchmark_preconditioner.py [--ranks 16 64] [--repeats 15] [--threads 2]
-        [--device cuda --dtype bfloat16] [--train-runs 6 --train-steps 30] [--no-write]
+        [--device cuda --dtype bfloat16] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,7 +102,7 @@ def clock(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-# -- part 1: the pass -------------------------------------------------------------------------------
+# -- the pass -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -362,135 +355,13 @@ def pass_table(rows: list[dict], *, device: torch.device, dtype: torch.dtype, re
     return "\n".join(lines)
 
 
-# -- part 2: a whole training step ------------------------------------------------------------------
-
-
-def training_config(root: Path, *, precondition: bool, steps: int, name: str) -> dict:
-    """Like tests/helpers.tiny_config, at rank 16 on the attention and MLP layers."""
-    return {
-        "model": {"base_model": str(root / "model")},
-        "lora": {
-            "rank": 16,
-            "alpha": 16,
-            "layer_preset": "attn-mlp",
-            "riemannian_preconditioning": precondition,
-        },
-        "optimizer": {"learning_rate": 1e-3},
-        "training": {"max_steps": steps, "batch_size": 2, "seed": 7},
-        "data": {"resolution": 64, "concepts": [{"path": str(root / "data")}]},
-        "sampling": {"prompts": [], "at_end": False},
-        "output": {"workspace_dir": str(root / name), "name": "bench-lora"},
-    }
-
-
-def step_times(raw: dict, *, warmup: int) -> tuple[list[float], list[float]]:
-    """Seconds of each optimizer step of one real run and of the preconditioner hook within it,
-    the first `warmup` steps dropped."""
-    from modules.config.loading import load_config
-    from modules.training.trainer import TrainingRun
-
-    run = TrainingRun(load_config(raw=raw))
-    stamps: list[float] = []
-    hook: list[float] = []
-    original_step = run.pipeline.step
-
-    def timed_step():
-        outcome = original_step()
-        stamps.append(time.perf_counter())
-        return outcome
-
-    run.pipeline.step = timed_step
-    if run.preconditioner is not None:
-        original_precondition = run.preconditioner.precondition
-
-        def timed_precondition() -> None:
-            start = time.perf_counter()
-            original_precondition()
-            hook.append(time.perf_counter() - start)
-
-        # the optimizer pre-hook calls self.precondition(): the instance attribute wins
-        run.preconditioner.precondition = timed_precondition
-    run.run()
-    steps = [after - before for before, after in itertools.pairwise(stamps[warmup:])]
-    return steps, hook[warmup + 1 :]
-
-
-def training_overhead(args: argparse.Namespace) -> dict:
-    from modules.data.demo_dataset import write_demo_dataset
-    from modules.models.tiny_sdxl import build_tiny_sdxl
-
-    times: dict[bool, list[float]] = {False: [], True: []}
-    hook: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        build_tiny_sdxl(root / "model")
-        write_demo_dataset(root / "data", count=8, size=64)
-        for repeat in range(args.train_runs):
-            for precondition in (False, True) if repeat % 2 == 0 else (True, False):
-                raw = training_config(
-                    root,
-                    precondition=precondition,
-                    steps=args.train_steps,
-                    name=f"run-{repeat}-{int(precondition)}",
-                )
-                steps, hooks = step_times(raw, warmup=args.train_warmup)
-                times[precondition] += steps
-                hook += hooks
-    plain, preconditioned = (statistics.median(times[flag]) for flag in (False, True))
-    result = {
-        "plain": plain,
-        "preconditioned": preconditioned,
-        "ratio": preconditioned / plain,
-        "hook": statistics.median(hook),
-        "steps": {flag: len(values) for flag, values in times.items()},
-    }
-    print(
-        f"tiny SDXL training step: {plain * 1e3:.1f} ms plain, {preconditioned * 1e3:.1f} ms "
-        f"with Riemannian preconditioning, overhead {100 * (result['ratio'] - 1):+.1f}%; "
-        f"the hook itself {result['hook'] * 1e3:.2f} ms per step",
-        flush=True,
-    )
-    return result
-
-
-def training_table(result: dict, args: argparse.Namespace) -> str:
-    hook_share = 100 * result["hook"] / result["plain"]
-    return "\n".join(
-        [
-            f"Whole training step of the tiny SDXL model (LoRA rank 16, `attn-mlp`, batch 2 at "
-            f"64 px, fp32), the real `TrainingRun`: {args.train_runs} runs of "
-            f"{args.train_steps} steps per setting, interleaved, the first {args.train_warmup} "
-            f"steps of each run excluded ({result['steps'][False]} and {result['steps'][True]} "
-            "steps timed); median s/step. The hook's own time is measured inside the "
-            "preconditioned runs (median per step) and is the steadier figure on a shared machine.",
-            "",
-            "| riemannian_preconditioning | s/step | overhead |",
-            "|---|---|---|",
-            f"| off | {result['plain'] * 1e3:.1f} ms | |",
-            f"| on | {result['preconditioned'] * 1e3:.1f} ms | "
-            f"{100 * (result['ratio'] - 1):+.1f}% |",
-            f"| on: the preconditioner hook alone | {result['hook'] * 1e3:.2f} ms | "
-            f"{hook_share:.2f}% of the plain step |",
-            "",
-            "Target: at most 3% overhead: "
-            + ("met" if result["ratio"] <= 1.03 else "NOT met")
-            + f" by the step times ({100 * (result['ratio'] - 1):+.1f}%), "
-            + ("met" if hook_share <= 3 else "NOT met")
-            + f" by the hook's own time ({hook_share:.2f}%).",
-        ]
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64], help="none skips part 1")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--train-runs", type=int, default=6, help="runs per setting; 0 skips")
-    parser.add_argument("--train-steps", type=int, default=30)
-    parser.add_argument("--train-warmup", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -501,11 +372,8 @@ def main() -> int:
         "",
         benchmark_header("scripts/benchmark_preconditioner.py", device),  # load before the run
     ]
-    if args.ranks:
-        rows = pass_rows(args, device, dtype)
-        sections += ["", pass_table(rows, device=device, dtype=dtype, repeats=args.repeats)]
-    if args.train_runs > 0:
-        sections += ["", training_table(training_overhead(args), args)]
+    rows = pass_rows(args, device, dtype)
+    sections += ["", pass_table(rows, device=device, dtype=dtype, repeats=args.repeats)]
     text = "\n".join(sections)
     print(text)
     if not args.no_write:

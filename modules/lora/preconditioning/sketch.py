@@ -184,7 +184,10 @@ class SketchStatistics:
         """Mean squares of each row (k, m) and column (k, n) of the group's G, unbiased."""
         rows, cols = self.sketches[group]
         p, m, n = rows.shape[-1], rows.shape[1], cols.shape[-1]
-        return rows.square().sum(-1) / (p * n), cols.square().sum(-2) / (p * m)
+        # norms, not square().sum(): no (k, m, p) temporary
+        row_energy = torch.linalg.vector_norm(rows, dim=-1).square_() / (p * n)
+        col_energy = torch.linalg.vector_norm(cols, dim=-2).square_() / (p * m)
+        return row_energy, col_energy
 
     def remove(self) -> None:
         for handle in self._handles:
