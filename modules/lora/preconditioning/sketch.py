@@ -184,9 +184,10 @@ class SketchStatistics:
         """Mean squares of each row (k, m) and column (k, n) of the group's G, unbiased."""
         rows, cols = self.sketches[group]
         p, m, n = rows.shape[-1], rows.shape[1], cols.shape[-1]
-        # norms, not square().sum(): no (k, m, p) temporary
+        # rows: a norm over the short last axis needs no (k, m, p) temporary (2.8x faster on the
+        # CPU); columns: the strided norm is 20x slower there than squaring and summing
         row_energy = torch.linalg.vector_norm(rows, dim=-1).square_() / (p * n)
-        col_energy = torch.linalg.vector_norm(cols, dim=-2).square_() / (p * m)
+        col_energy = cols.square().sum(-2) / (p * m)
         return row_energy, col_energy
 
     def remove(self) -> None:
