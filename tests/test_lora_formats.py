@@ -125,7 +125,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def unet_out(pipe: StableDiffusionXLPipeline) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     sample = torch.randn(1, 4, 32, 32, generator=generator)
-    hidden = torch.randn(1, 77, 64, generator=generator)
+    hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
     added = {
         "text_embeds": torch.randn(1, 32, generator=generator),
         "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),

@@ -309,7 +309,7 @@ def test_injected_unet_output(models: dict[str, nn.Module]) -> None:
     inputs = dict(
         sample=torch.randn(1, 4, 16, 16),
         timestep=torch.tensor([500]),
-        encoder_hidden_states=torch.randn(1, 8, 64),
+        encoder_hidden_states=torch.randn(1, 8, unet.config.cross_attention_dim),
         added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)},
     )
     with torch.no_grad():

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from modules.config.schema import ModelConfig
@@ -16,10 +14,6 @@ from modules.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
-CLIP_L_POSITIONS = (
-    "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
-)
-OPEN_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 
 
 def load_sdxl_pipeline(config: ModelConfig) -> StableDiffusionXLPipeline:
@@ -85,7 +79,6 @@ def _from_single_file(path: Path, config: ModelConfig) -> StableDiffusionXLPipel
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(path), config=config_folder, local_files_only=offline
     )
-    _reload_equally_wide_open_clip_g(pipe, path)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         unloaded = [key for key, p in getattr(pipe, name).named_parameters() if p.is_meta]
         if unloaded:  # diffusers leaves weights it found no tensor for on the meta device
@@ -94,25 +87,3 @@ def _from_single_file(path: Path, config: ModelConfig) -> StableDiffusionXLPipel
             )
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return pipe
-
-
-def _reload_equally_wide_open_clip_g(pipe: StableDiffusionXLPipeline, path: Path) -> None:
-    """diffusers (0.42) tells CLIP-L from OpenCLIP-G only by width, so when both are equally wide
-    (small test models; real SDXL has 768 vs 1280) it loads CLIP-L into text_encoder_2 and leaves
-    text_projection unloaded. Load OpenCLIP-G again then, with diffusers' own converter."""
-    g_positions = OPEN_CLIP_G_PREFIX + "positional_embedding"
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())
-        if CLIP_L_POSITIONS not in keys or g_positions not in keys:
-            return
-        widths = {handle.get_slice(k).get_shape()[-1] for k in (CLIP_L_POSITIONS, g_positions)}
-        if len(widths) > 1:
-            return
-        checkpoint = {k: handle.get_tensor(k) for k in keys if k.startswith(OPEN_CLIP_G_PREFIX)}
-    model = pipe.text_encoder_2
-    converted = convert_open_clip_checkpoint(model, checkpoint, prefix=OPEN_CLIP_G_PREFIX)
-    own = model.state_dict()
-    converted = {k: v.to(own[k].dtype) for k, v in converted.items() if k in own}
-    missing = model.load_state_dict(converted, strict=False, assign=True).missing_keys
-    if missing:
-        raise RuntimeError(f"text_encoder_2 weights missing from the checkpoint: {missing[:3]}")

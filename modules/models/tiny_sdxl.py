@@ -13,7 +13,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TEXT_HIDDEN = 32
+TEXT_HIDDEN = 32  # CLIP-L's place
+# OpenCLIP-G's place: a width of its own, as in SDXL (768 vs 1280), which diffusers' single-file
+# loader relies on to tell the two encoders apart
+TEXT_HIDDEN_2 = 48
 POOLED_DIM = 32
 TIME_EMBED_DIM = 8
 
@@ -51,7 +54,7 @@ def build_tiny_sdxl(path: str | Path, *, seed: int = 0) -> Path:
     vocab_size = len(tokenizer)
     text_encoder = CLIPTextModel(_text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN)
+        _text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN_2)
     )
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -63,7 +66,7 @@ def build_tiny_sdxl(path: str | Path, *, seed: int = 0) -> Path:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         norm_num_groups=8,
-        cross_attention_dim=2 * TEXT_HIDDEN,
+        cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,
         transformer_layers_per_block=1,
         use_linear_projection=True,
         addition_embed_type="text_time",
