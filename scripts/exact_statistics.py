@@ -35,6 +35,10 @@ class ExactStatistics:
     def cycle(self) -> int:
         return self._cycle
 
+    @property
+    def active(self) -> bool:
+        return True  # exact statistics every step
+
     def set_cycle(self, cycle: int) -> None:
         self._cycle = cycle
 
@@ -106,6 +110,10 @@ class Alongside:
     @property
     def cycle(self) -> int:
         return self.exact.cycle
+
+    @property
+    def active(self) -> bool:
+        return True
 
     def set_cycle(self, cycle: int) -> None:
         self.exact.set_cycle(cycle)

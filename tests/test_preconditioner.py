@@ -299,6 +299,51 @@ def test_adaprelora_state_round_trips_and_rejects_another_method() -> None:
         other.load_state_dict(state)
 
 
+def test_adaprelora_refreshes_its_statistics_every_n_steps() -> None:
+    """With `statistics_every=3` the taps sketch only steps 0, 3, 6; the moments take those with
+    Adafactor's decay over three steps and stay put in between."""
+    model = TwoLayers()
+    optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
+    settings = PreconditionerSettings(
+        method="adaprelora", sketch_size=4, beta2=0.9, statistics_every=3
+    )
+    preconditioner = LoRAPreconditioner(_pairs(model), settings)
+    preconditioner.attach(optimizer)
+    statistics = preconditioner.statistics
+    assert statistics is not None
+    for step in range(7):
+        model(*_inputs(seed=step)).backward()
+        sketched = [bool(rows.abs().sum() > 0) for rows, _ in statistics.sketches]
+        assert sketched == [step % 3 == 0] * len(sketched)  # the taps skip the other steps
+        energy = statistics.energies(0)[0].clone()
+        before = preconditioner.moments[0].rows.clone()
+        optimizer.step()
+        after = preconditioner.moments[0].rows
+        if step % 3 == 0:
+            torch.testing.assert_close(after, 0.9**3 * before + (1 - 0.9**3) * (energy + 1e-30))
+        else:
+            assert torch.equal(after, before)
+        optimizer.zero_grad(set_to_none=False)
+        preconditioner.zero_()
+    assert preconditioner.statistics_updates == 3
+    assert all(torch.isfinite(p).all() for p in model.lora_parameters())
+
+
+def test_adaprelora_before_its_first_statistics_uses_unit_weights() -> None:
+    """A first applied step between two statistics steps (the fp16 scaler skipped step 0) has no
+    moments yet: unit Adafactor weights, finite directions."""
+    model = TwoLayers()
+    optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
+    settings = PreconditionerSettings(method="adaprelora", statistics_every=2)
+    preconditioner = LoRAPreconditioner(_pairs(model), settings)
+    preconditioner.attach(optimizer)
+    preconditioner.zero_()  # what the trainer does after a skipped step: cycle 1 is not sketched
+    model(*_inputs()).backward()
+    optimizer.step()
+    assert preconditioner.statistics_updates == 0
+    assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for p in model.lora_parameters())
+
+
 def test_coverage_names_what_is_left_out_and_finds_pairs_by_links_not_names() -> None:
     model = TwoLayers()
     model.magnitude = nn.Parameter(torch.ones(6))  # like a DoRA magnitude: trainable, unpaired

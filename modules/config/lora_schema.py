@@ -112,6 +112,17 @@ class LoRAConfig(Section):
         ge=1,
         le=256,
     )
+    adaprelora_statistics_every: int = option(
+        1,
+        help="AdaPreLoRA: sketch the gradient energies only every n-th optimizer step (the "
+        "Adafactor moments average over about 1000 steps, so they change slowly). The sketches' "
+        "backward cost drops n-fold; see docs/benchmarks.md for the measured effect on training.",
+        tab="lora",
+        label="AdaPreLoRA statistics every n steps",
+        advanced=True,
+        ge=1,
+        le=100,
+    )
     loraplus_ratio: float = option(
         1.0,
         help="LoRA+: learning rate of the up (B) factor = ratio x that of the down (A) factor; "

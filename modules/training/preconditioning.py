@@ -26,6 +26,7 @@ def settings_from(config: TrainConfig) -> PreconditionerSettings:
         ),
         beta2=lora.adaprelora_beta2,
         sketch_size=lora.adaprelora_probes,
+        statistics_every=lora.adaprelora_statistics_every,
         seed=config.training.seed,
     )
 

@@ -35,6 +35,7 @@ class PreconditionerSettings:
     damping: Damping = field(default_factory=Damping)
     beta2: float = 0.999  # AdaPreLoRA: Adafactor's decay of the row/column moments
     sketch_size: int = 8  # AdaPreLoRA: probes per layer and step
+    statistics_every: int = 1  # AdaPreLoRA: refresh the row/column moments every n-th step
     seed: int = 0
 
 
@@ -69,6 +70,7 @@ class LoRAPreconditioner:
         raw: list[Pair] = [(pair.a, pair.b) for pair in pairs]
         self.groups: list[FactorGroup] = pack_pairs(raw, [pair.scale for pair in pairs])
         self.applied_steps = 0
+        self.statistics_updates = 0  # AdaPreLoRA: moment updates so far (bias correction)
         self._handles: list[Any] = []
         self.moments: list[AdafactorMoments] = []
         self.statistics: GradientStatistics | None = None
@@ -95,7 +97,11 @@ class LoRAPreconditioner:
         self.statistics = SketchStatistics(
             shapes=[(len(g.pairs), g.b.shape[1], g.a.shape[2]) for g in self.groups],
             bases=bases,
-            probes=ProbeSource(size=self.settings.sketch_size, seed=self.settings.seed),
+            probes=ProbeSource(
+                size=self.settings.sketch_size,
+                seed=self.settings.seed,
+                every=self.settings.statistics_every,
+            ),
             device=self.groups[0].a.device,
         )
 
@@ -131,25 +137,42 @@ class LoRAPreconditioner:
         """Replace every pair's gradients by the preconditioned directions (in place)."""
         settings = self.settings
         self.applied_steps += 1
-        if settings.method == "adaprelora":
-            self.statistics.all_reduce_()
-            unscale = self._unscale_squares()
-            correction = 1 - settings.beta2**self.applied_steps
         for group in self.groups:
             group.refresh()
         if settings.method == "riemannian":
             riemannian_precondition_(self.groups, settings.damping)  # in place
             return
-        weights = []
+        if self.statistics.active:
+            self._update_moments()
+        adaprelora_precondition_(self.groups, self._weights(), settings.damping)  # in place
+
+    def _weights(self) -> list[AdafactorWeights]:
+        """Each group's Adafactor weights from its bias-corrected moments; unit weights while
+        there are none yet (the first applied step fell between two statistics steps)."""
+        if self.statistics_updates == 0:
+            return [
+                AdafactorWeights.from_moments(torch.ones_like(m.rows), torch.ones_like(m.cols))
+                for m in self.moments
+            ]
+        # each update stands for `statistics_every` steps of Adafactor's decay
+        decay = self.settings.beta2**self.settings.statistics_every
+        correction = 1 - decay**self.statistics_updates
+        return [
+            AdafactorWeights.from_moments(m.rows / correction, m.cols / correction)
+            for m in self.moments
+        ]
+
+    def _update_moments(self) -> None:
+        """Fold this step's (all-reduced, unscaled) energies into the Adafactor moments."""
+        self.statistics.all_reduce_()
+        unscale = self._unscale_squares()
+        decay = self.settings.beta2**self.settings.statistics_every
         for index, moments in enumerate(self.moments):
             row_energy, col_energy = self.statistics.energies(index)
             moments.update(
-                row_energy=unscale(row_energy), col_energy=unscale(col_energy), beta2=settings.beta2
+                row_energy=unscale(row_energy), col_energy=unscale(col_energy), beta2=decay
             )
-            weights.append(
-                AdafactorWeights.from_moments(moments.rows / correction, moments.cols / correction)
-            )
-        adaprelora_precondition_(self.groups, weights, settings.damping)  # in place
+        self.statistics_updates += 1
 
     # -- backups ----------------------------------------------------------------------------------
 
@@ -157,6 +180,7 @@ class LoRAPreconditioner:
         return {
             "method": self.settings.method,
             "applied_steps": self.applied_steps,
+            "statistics_updates": self.statistics_updates,
             "cycle": self.statistics.cycle if self.statistics else 0,
             "rows": [m.rows.detach().cpu().clone() for m in self.moments],
             "cols": [m.cols.detach().cpu().clone() for m in self.moments],
@@ -169,6 +193,8 @@ class LoRAPreconditioner:
                 f"groups, this run uses {self.settings.method!r} with {len(self.moments)}"
             )
         self.applied_steps = state["applied_steps"]
+        # backups from before `statistics_every` updated the moments on every step
+        self.statistics_updates = state.get("statistics_updates", self.applied_steps)
         if self.statistics is not None:
             self.statistics.set_cycle(state["cycle"])
         for moments, rows, cols in zip(self.moments, state["rows"], state["cols"], strict=True):

@@ -27,13 +27,19 @@ class ProbeSource:
     """Gaussian probes of each size, fixed within an optimizer step and redrawn for the next.
 
     Drawn from a generator seeded by (seed, step cycle), so a resumed run sees the same probes.
+    Only every `every`-th cycle is sketched (`active`); the taps do nothing in the others.
     """
 
-    def __init__(self, *, size: int, seed: int) -> None:
+    def __init__(self, *, size: int, seed: int, every: int = 1) -> None:
         self.size = size
         self.seed = seed
+        self.every = every
         self.cycle = 0
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.cycle % self.every == 0
 
     def next_cycle(self) -> None:
         self.set_cycle(self.cycle + 1)
@@ -123,7 +129,7 @@ def install_tap(sink: LayerSketch) -> torch.utils.hooks.RemovableHandle:
     """Tap the base layer's output (after the LoRA delta is added); a no-op without autograd."""
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and output.requires_grad):
+        if not (torch.is_grad_enabled() and output.requires_grad and sink.probes.active):
             return output
         return _Tap.apply(output, args[0], sink)
 
@@ -160,6 +166,11 @@ class SketchStatistics:
     @property
     def cycle(self) -> int:
         return self.probes.cycle
+
+    @property
+    def active(self) -> bool:
+        """Whether this step's backward pass fills the sketches."""
+        return self.probes.active
 
     def set_cycle(self, cycle: int) -> None:
         self.probes.set_cycle(cycle)
@@ -202,6 +213,9 @@ class GradientStatistics(Protocol):
 
     @property
     def cycle(self) -> int: ...
+
+    @property
+    def active(self) -> bool: ...
 
     def set_cycle(self, cycle: int) -> None: ...
 
