@@ -149,9 +149,6 @@ def main() -> int:
         f"| data loader, cached latents + text embeddings | {cached * 1000:.1f} ms |",
         f"| the same batches from memory tensors | {memory * 1000:.1f} ms |",
         f"| loader cost | {overhead:+.1f}% of a step |",
-        "",
-        f"Run with `python scripts/benchmark_data.py --images {args.images} --steps {args.steps} "
-        f"--write`.",
     ]
     table = "\n".join(lines)
     print(table)
