@@ -8,10 +8,11 @@ Times, side by side in one run, the median of `--repeats` passes after a warm-up
 gradients restored (untimed) before every pass:
 
 - ours, Riemannian: `LoRAPreconditioner.precondition()`, method "riemannian", default damping;
-- ours, AdaPreLoRA: the same with method "adaprelora". Its row/column statistics come from a
-  backward-pass tap on each adapted layer; here the layers are `nn.Linear` stand-ins on the meta
-  device (never run) and the sketch buffers the tap would fill are filled with random numbers,
-  because only the optimizer-side pass (moment update, weights, r x r algebra) is measured;
+- ours, AdaPreLoRA: the same with method "adaprelora". Its row/column statistics come from
+  sketches taken in each adapted layer's backward pass; here the layers and their LoRA modules
+  are stand-ins on the meta device (never run) and the sketch buffers are filled with random
+  numbers, because only the optimizer-side pass (moment update, weights, r x r algebra) is
+  measured;
 - PEFT: `peft.optimizers.riemannian._RiemannianPreconditioner(pairs, reg=1e-2).step()` on the same
   Parameter objects (after our packing they are views into the stacks, which PEFT does not mind);
 - AdamW: one `torch.optim.AdamW(foreach=True)` step over the same parameters (state initialised
@@ -52,6 +53,7 @@ import torch  # noqa: E402
 from peft.optimizers.riemannian import _RiemannianPreconditioner  # noqa: E402
 from torch import nn  # noqa: E402
 
+from modules.lora.layers import LoRALinear  # noqa: E402
 from modules.lora.preconditioning.preconditioner import (  # noqa: E402
     LoRAPair,
     LoRAPreconditioner,
@@ -127,8 +129,10 @@ def build_factor_set(rank: int, *, dtype: torch.dtype, device: torch.device) -> 
         b = nn.Parameter(random(out_features, rank, std=0.02))
         a.grad = random(rank, in_features, std=1e-3)
         b.grad = random(out_features, rank, std=1e-3)
-        base = nn.Linear(in_features, out_features, bias=False, device="meta")
-        pairs.append(LoRAPair(a=a, b=b, scale=1.0, base=base))
+        with torch.device("meta"):  # the layer AdaPreLoRA's statistics attach to; never run
+            base = nn.Linear(in_features, out_features, bias=False)
+            stand_in = LoRALinear(base=base, name="layer", rank=rank, alpha=rank)
+        pairs.append(LoRAPair(a=a, b=b, scale=1.0, adapter=stand_in))
         elements += a.numel() + b.numel()
         flops += 4 * rank**2 * (out_features + in_features)
     # both preconditioners pack the same Parameters, each into its own stacks: before each timed

@@ -45,6 +45,7 @@ from torch import nn  # noqa: E402
 from modules.config.loading import load_config  # noqa: E402
 from modules.data.demo_dataset import write_demo_dataset  # noqa: E402
 from modules.lora.layers import LoRALinear  # noqa: E402
+from modules.lora.preconditioning.fused_sketch import FusedLinearSketch  # noqa: E402
 from modules.lora.preconditioning.preconditioner import PreconditionerSettings  # noqa: E402
 from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource, install_tap  # noqa: E402
 from modules.models.tiny_sdxl import build_tiny_sdxl  # noqa: E402
@@ -217,7 +218,7 @@ def summarise(timings: dict[str, Timings], *, warmup: int) -> list[Row]:
 
 
 def table(
-    rows: list[Row], *, tap: dict[str, float], header_line: str, steps: int, warmup: int
+    rows: list[Row], *, sketch: dict[str, float], header_line: str, steps: int, warmup: int
 ) -> str:
     off = rows[0].step
     lines = [
@@ -250,22 +251,27 @@ def table(
         + f". Two identical settings differ by {100 * resolution:.1f}% here, the resolution of "
         "this measurement.",
         "",
-        "AdaPreLoRA's backward taps (its sketches, p = 8) are skinny products whose cost on the "
-        "64-wide tiny model is close to the layers' own. At SDXL width, one 1280 x 1280 `to_q` "
-        "layer with a rank-16 LoRA, batch 2 of 1024 tokens, forward and backward: "
-        f"{tap['plain'] * 1e3:.1f} ms plain, {tap['tapped'] * 1e3:.1f} ms with the tap "
-        f"({100 * tap['share']:+.1f}%).",
+        "AdaPreLoRA's sketches (p = 8) ride in the LoRA's own products, widened from r to r + p "
+        "columns; on the 64-wide tiny model what they add is mostly per-layer call overhead. At "
+        "SDXL width, one 1280 x 1280 `to_q` layer with a rank-16 LoRA, batch 2 of 1024 tokens, "
+        f"forward and backward: {sketch['plain'] * 1e3:.1f} ms plain, "
+        f"{sketch['fused'] * 1e3:.1f} ms with the fused sketches "
+        f"({100 * (sketch['fused'] / sketch['plain'] - 1):+.1f}%), "
+        f"{sketch['tap'] * 1e3:.1f} ms with a separate tap instead "
+        f"({100 * (sketch['tap'] / sketch['plain'] - 1):+.1f}%; it reads the input and output "
+        "gradient twice more).",
     ]
     return "\n".join(lines)
 
 
-def tap_share_at_sdxl_width(*, rounds: int) -> dict[str, float]:
-    """AdaPreLoRA's backward tap against one SDXL-sized layer's own forward and backward.
+def sketch_cost_at_sdxl_width(*, rounds: int) -> dict[str, float]:
+    """AdaPreLoRA's statistics against one SDXL-sized layer's own forward and backward.
 
-    The tiny model's layers are 64 wide, where the tap's skinny products (p = 8 columns) cost as
-    much as the layer itself; SDXL's attention layers are 1280 wide. One `to_q`-shaped Linear
-    (1280 x 1280, batch 2 of 1024 tokens: 1024 px images at that UNet level) with a rank-16 LoRA,
-    forward and backward with and without the tap, alternating; median of `rounds`.
+    The tiny model's layers are 64 wide, where any per-layer work is mostly call overhead; SDXL's
+    attention layers are 1280 wide. One `to_q`-shaped Linear (1280 x 1280, batch 2 of 1024
+    tokens: 1024 px images at that UNet level) with a rank-16 LoRA, forward and backward: plain,
+    with the sketches fused into the LoRA's products (what training uses) and with the separate
+    tap (the reference path, used for Conv2d), taking turns; median of `rounds`.
     """
     width, tokens, p = 1280, 1024, PreconditionerSettings().sketch_size
     base = nn.Linear(width, width, bias=False).requires_grad_(False)
@@ -284,14 +290,16 @@ def tap_share_at_sdxl_width(*, rounds: int) -> dict[str, float]:
         base(inputs).square().mean().backward()
         return time.perf_counter() - start
 
-    plain, tapped = [], []
+    times: dict[str, list[float]] = {"plain": [], "fused": [], "tap": []}
     for _ in range(rounds + 2):
-        plain.append(step())
+        times["plain"].append(step())
+        adapter.delta_sketch = FusedLinearSketch(sink)
+        times["fused"].append(step())
+        adapter.delta_sketch = None
         handle = install_tap(sink)
-        tapped.append(step())
+        times["tap"].append(step())
         handle.remove()
-    plain_time, tapped_time = statistics.median(plain[2:]), statistics.median(tapped[2:])
-    return {"plain": plain_time, "tapped": tapped_time, "share": tapped_time / plain_time - 1}
+    return {name: statistics.median(values[2:]) for name, values in times.items()}
 
 
 def main() -> int:
@@ -299,7 +307,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per setting")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--tap-rounds", type=int, default=15)
+    parser.add_argument("--sketch-rounds", type=int, default=15)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -309,10 +317,10 @@ def main() -> int:
         build_tiny_sdxl(root / "model")
         write_demo_dataset(root / "data", count=8, size=64)
         timings = measure(root, steps=args.steps)
-    tap = tap_share_at_sdxl_width(rounds=args.tap_rounds)
+    sketch = sketch_cost_at_sdxl_width(rounds=args.sketch_rounds)
     text = table(
         summarise(timings, warmup=args.warmup),
-        tap=tap,
+        sketch=sketch,
         header_line=header_line,
         steps=args.steps,
         warmup=args.warmup,

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modules.lora.preconditioning.sketch import AdafactorMoments, ProbeSource, SketchStatistics
+from modules.lora.layers import LoRAModule
+from modules.lora.preconditioning.sketch import ProbeSource
+from modules.lora.preconditioning.statistics import AdafactorMoments, SketchStatistics
 
 
 class ExactStatistics:
@@ -146,18 +148,18 @@ class Alongside:
             sketch.remove()
 
 
-def bases_of_groups(run) -> list[list[nn.Module]]:
-    """The adapted layer of every (group, layer) of the run's preconditioner, in group order."""
-    base_of = {id(ad.lora_down.weight): ad.base for ad in run.network.adapters.values()}
-    return [[base_of[id(a)] for a, _ in group.pairs] for group in run.preconditioner.groups]
+def adapters_of_groups(run) -> list[list[LoRAModule]]:
+    """The adapter of every (group, layer) of the run's preconditioner, in group order."""
+    adapter_of = {id(ad.lora_down.weight): ad for ad in run.network.adapters.values()}
+    return [[adapter_of[id(a)] for a, _ in group.pairs] for group in run.preconditioner.groups]
 
 
 def use_exact_statistics(run, *, alongside: tuple[int, ...]) -> Alongside | None:
     """Replace the run's sketch by exact statistics, optionally with observing sketches."""
     preconditioner = run.preconditioner
     preconditioner.statistics.remove()
-    bases = bases_of_groups(run)
-    exact = ExactStatistics(bases)
+    adapters = adapters_of_groups(run)
+    exact = ExactStatistics([[adapter.base for adapter in layers] for layers in adapters])
     if not alongside:
         preconditioner.statistics = exact
         return None
@@ -166,8 +168,13 @@ def use_exact_statistics(run, *, alongside: tuple[int, ...]) -> Alongside | None
     device = groups[0].a.device
     seed = preconditioner.settings.seed
     sketches = {
+        # taps, not fused: several sketches observe each layer
         p: SketchStatistics(
-            shapes=shapes, bases=bases, probes=ProbeSource(size=p, seed=seed), device=device
+            shapes=shapes,
+            adapters=adapters,
+            probes=ProbeSource(size=p, seed=seed),
+            device=device,
+            fuse=False,
         )
         for p in alongside
     }

@@ -141,6 +141,23 @@ def test_linear_adds_scaled_low_rank_product() -> None:
     torch.testing.assert_close(adapter.merged_delta_weight(), 0.5 * B @ A, rtol=0, atol=1e-12)
 
 
+def test_a_loaded_alpha_sets_the_scale_the_delta_uses() -> None:
+    """Files bring their own alpha; the forward pass must use it (not the alpha at init)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).double()
+    adapter = LoRALinear(base=base, name="lin", rank=3, alpha=1.5).double()
+    randomize_up(adapter)
+    adapter.attach()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    plain = F.linear(x, base.weight, base.bias)
+    delta_before = base(x) - plain
+    state = {key: value.clone() for key, value in adapter.state_dict().items()}
+    state["alpha"] = torch.tensor(6.0, dtype=torch.float64)
+    adapter.load_state_dict(state)
+    assert adapter.scale == 6.0 / 3
+    torch.testing.assert_close(base(x) - plain, 4 * delta_before, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "conv",
     [

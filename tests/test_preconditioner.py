@@ -53,7 +53,7 @@ class TwoLayers(nn.Module):
 
 def _pairs(model: TwoLayers) -> list[LoRAPair]:
     return [
-        LoRAPair(a=m.lora_down.weight, b=m.lora_up.weight, scale=m.scale, base=m.base)
+        LoRAPair(a=m.lora_down.weight, b=m.lora_up.weight, scale=m.scale, adapter=m)
         for m in model.adapters
     ]
 
@@ -202,7 +202,7 @@ def test_matches_peft_riemannian_optimizer_as_an_oracle() -> None:
     params = [p for adapter in adapters for p in adapter.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     pairs = [
-        LoRAPair(a=m.lora_down.weight, b=m.lora_up.weight, scale=m.scale, base=m.base)
+        LoRAPair(a=m.lora_down.weight, b=m.lora_up.weight, scale=m.scale, adapter=m)
         for m in adapters
     ]
     damping = Damping(relative=0.0, absolute=reg)  # PEFT: absolute damping, no s

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 
 LORA_ROLE_A = "A"
 LORA_ROLE_B = "B"
+
+
+class DeltaSketch(Protocol):
+    """Computes an adapter's delta in its place while taking gradient statistics (AdaPreLoRA)."""
+
+    def applies(self, x: torch.Tensor) -> bool: ...
+
+    def delta(self, adapter: LoRAModule, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class LoRAModule(nn.Module, abc.ABC):
@@ -43,7 +52,10 @@ class LoRAModule(nn.Module, abc.ABC):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        # read on every forward: a Python float, so a CUDA buffer is never synced to the host
+        self._scale = float(alpha) / rank
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self.delta_sketch: DeltaSketch | None = None  # set by AdaPreLoRA's statistics
         self.link_factors()
         # after the children have loaded (assign=True replaces their Parameter objects)
         self.register_load_state_dict_post_hook(LoRAModule._relink_after_load)
@@ -54,7 +66,7 @@ class LoRAModule(nn.Module, abc.ABC):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self._scale
 
     @abc.abstractmethod
     def _make_factors(self, base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -75,6 +87,7 @@ class LoRAModule(nn.Module, abc.ABC):
     @staticmethod
     def _relink_after_load(module: LoRAModule, incompatible_keys: object) -> None:
         module.link_factors()
+        module._scale = float(module.alpha) / module.rank  # a loaded file brings its own alpha
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickling rebuild Parameters without their Python attributes
@@ -98,7 +111,11 @@ class LoRAModule(nn.Module, abc.ABC):
             self._hook = None
 
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self.delta(args[0])
+        x = args[0]
+        sketch = self.delta_sketch
+        if sketch is not None and sketch.applies(x):
+            return output + sketch.delta(self, x)
+        return output + self.delta(x)
 
     def merged_delta_weight(self) -> torch.Tensor:
         """`s * B A` shaped like the base weight (used to check files against other tools)."""

@@ -64,12 +64,11 @@ def find_coverage(
         adapter = adapters.get(id(param_a))
         if id(param_b) not in trainable_ids:
             continue  # reported below as a factor whose partner is frozen
-        base = adapter.base if adapter is not None else None
-        if needs_layer and not _sketchable(base):
+        if needs_layer and not _sketchable(adapter):
             continue  # reported below
         paired.update((id(param_a), id(param_b)))
         scale = adapter.scale if adapter is not None else 1.0
-        coverage.pairs.append(LoRAPair(a=param_a, b=param_b, scale=scale, base=base))
+        coverage.pairs.append(LoRAPair(a=param_a, b=param_b, scale=scale, adapter=adapter))
         part = part_of.get(adapter.name, "other") if adapter is not None else "other"
         coverage.ranks_by_part[part][param_a.shape[0]] += 1
     for name, param in trainable:
@@ -79,7 +78,8 @@ def find_coverage(
     return coverage
 
 
-def _sketchable(base: nn.Module | None) -> bool:
+def _sketchable(adapter: LoRAModule | None) -> bool:
+    base = adapter.base if adapter is not None else None
     if isinstance(base, nn.Conv2d):
         return base.groups == 1
     return isinstance(base, nn.Linear)

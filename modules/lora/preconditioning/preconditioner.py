@@ -16,13 +16,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from modules.lora.layers import LoRAModule
 from modules.lora.preconditioning.adaprelora import AdafactorWeights, adaprelora_precondition_
 from modules.lora.preconditioning.linalg import Damping, riemannian_precondition_
 from modules.lora.preconditioning.packing import FactorGroup, Pair, pack_pairs
-from modules.lora.preconditioning.sketch import (
+from modules.lora.preconditioning.sketch import ProbeSource
+from modules.lora.preconditioning.statistics import (
     AdafactorMoments,
     GradientStatistics,
-    ProbeSource,
     SketchStatistics,
 )
 
@@ -41,12 +42,12 @@ class PreconditionerSettings:
 
 @dataclass(frozen=True)
 class LoRAPair:
-    """One LoRA layer as the preconditioner sees it: factors, scale, and the layer it adapts."""
+    """One LoRA layer as the preconditioner sees it: factors, scale, and its adapter module."""
 
     a: nn.Parameter
     b: nn.Parameter
     scale: float
-    base: nn.Module | None = None  # needed by AdaPreLoRA's statistics tap
+    adapter: LoRAModule | None = None  # needed by AdaPreLoRA's statistics
 
 
 class LoRAPreconditioner:
@@ -80,13 +81,13 @@ class LoRAPreconditioner:
     # -- AdaPreLoRA statistics ----------------------------------------------------------------------
 
     def _install_statistics(self, pairs: list[LoRAPair]) -> None:
-        base_of = {id(pair.a): pair.base for pair in pairs}
-        bases: list[list[nn.Module]] = []
+        adapter_of = {id(pair.a): pair.adapter for pair in pairs}
+        adapters: list[list[LoRAModule]] = []
         for group in self.groups:
-            layers = [base_of[id(param_a)] for param_a, _ in group.pairs]
-            if any(base is None for base in layers):
-                raise ValueError("AdaPreLoRA needs the adapted layer of every LoRA pair")
-            bases.append(layers)  # type: ignore[arg-type]
+            layers = [adapter_of[id(param_a)] for param_a, _ in group.pairs]
+            if any(adapter is None for adapter in layers):
+                raise ValueError("AdaPreLoRA needs the adapter module of every LoRA pair")
+            adapters.append(layers)  # type: ignore[arg-type]
             k, m, n = len(group.pairs), group.b.shape[1], group.a.shape[2]
             options = {"dtype": torch.float32, "device": group.a.device}
             self.moments.append(
@@ -96,7 +97,7 @@ class LoRAPreconditioner:
             )
         self.statistics = SketchStatistics(
             shapes=[(len(g.pairs), g.b.shape[1], g.a.shape[2]) for g in self.groups],
-            bases=bases,
+            adapters=adapters,
             probes=ProbeSource(
                 size=self.settings.sketch_size,
                 seed=self.settings.seed,

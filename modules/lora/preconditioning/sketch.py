@@ -2,23 +2,25 @@
 
 AdaPreLoRA weights rows and columns of `G = dL/dW` (m x n) by their energies, which the factor
 gradients `s B^T G` and `s G A^T` do not carry. Forming G exactly costs an extra weight-gradient
-GEMM per layer and m x n memory that gradient accumulation would have to keep. Instead each LoRA
-layer's output carries a tap whose backward accumulates two thin sketches,
-`G Omega` (m x p) and `Psi^T G` (p x n), with Gaussian probes drawn afresh each optimizer step:
-`E |G Omega|^2_row / p` is the exact row energy, and likewise for columns. The sketches are linear
-in G, so they add up over micro-batches and all-reduce like gradients; the Adafactor moving
-average over steps then averages the sketch noise away. Cost: about `4 p (m + n)` flops per token
-and layer: at p = 8 under 1% of an SDXL attention layer's own `6 m n`, but a third of a rank-16
-LoRA's `6 r (m + n)`, so on small models the taps' per-layer launches are what shows.
+GEMM per layer and m x n memory that gradient accumulation would have to keep. Instead the
+backward pass accumulates two thin sketches per layer, `G Omega` (m x p) and `Psi^T G` (p x n),
+with Gaussian probes drawn afresh each optimizer step: `E |G Omega|^2_row / p` is the exact row
+energy, and likewise for columns. The sketches are linear in G, so they add up over micro-batches
+and all-reduce like gradients; the Adafactor moving average over steps then averages the sketch
+noise away.
+
+Here: the probes, one layer's sketch (`LayerSketch.accumulate`, the reference computation) and
+the tap that feeds it from the adapted layer's output (Conv2d layers, and observers in the
+benchmarks). A Linear LoRA takes the same sketches inside its own products (`fused_sketch`).
+The tap costs about `4 p (m + n)` flops per token and layer and two more reads of the layer's
+input and output gradient.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,7 +52,7 @@ class ProbeSource:
 
     def probes(self, dim: int, *, device: torch.device, role: str) -> torch.Tensor:
         """A (dim x size) float32 Gaussian matrix, shared by every layer of this width."""
-        key = (dim, str(device), role)
+        key = (dim, device, role)
         if key not in self._cache:
             generator = torch.Generator(device=device)
             salt = (dim * 2 + (role == "left")) * 1_000_003
@@ -134,109 +136,3 @@ def install_tap(sink: LayerSketch) -> torch.utils.hooks.RemovableHandle:
         return _Tap.apply(output, args[0], sink)
 
     return sink.base.register_forward_hook(hook)
-
-
-class SketchStatistics:
-    """Row and column energies of every group's G from sketches taken in the backward pass.
-
-    Owns the probes, the (k, m, p) and (k, p, n) sketch stacks of each group and the taps on the
-    adapted layers (`bases[group][layer]`) that fill them.
-    """
-
-    def __init__(
-        self,
-        *,
-        shapes: list[tuple[int, int, int]],
-        bases: list[list[nn.Module]],
-        probes: ProbeSource,
-        device: torch.device,
-    ) -> None:
-        p = probes.size
-        options = {"dtype": torch.float32, "device": device}
-        self.probes = probes
-        self.sketches = [
-            (torch.zeros(k, m, p, **options), torch.zeros(k, p, n, **options)) for k, m, n in shapes
-        ]
-        self._handles = [
-            install_tap(LayerSketch(rows=rows[index], cols=cols[index], base=base, probes=probes))
-            for (rows, cols), layers in zip(self.sketches, bases, strict=True)
-            for index, base in enumerate(layers)
-        ]
-
-    @property
-    def cycle(self) -> int:
-        return self.probes.cycle
-
-    @property
-    def active(self) -> bool:
-        """Whether this step's backward pass fills the sketches."""
-        return self.probes.active
-
-    def set_cycle(self, cycle: int) -> None:
-        self.probes.set_cycle(cycle)
-
-    def zero_(self) -> None:
-        """Start a new accumulation cycle with fresh probes."""
-        for rows, cols in self.sketches:
-            rows.zero_()
-            cols.zero_()
-        self.probes.next_cycle()
-
-    def all_reduce_(self) -> None:
-        """Average the sketches over processes, as DDP averages gradients."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for pair in self.sketches:
-            for tensor in pair:
-                dist.all_reduce(tensor)
-                tensor /= dist.get_world_size()
-
-    def energies(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean squares of each row (k, m) and column (k, n) of the group's G, unbiased."""
-        rows, cols = self.sketches[group]
-        p, m, n = rows.shape[-1], rows.shape[1], cols.shape[-1]
-        # rows: a norm over the short last axis needs no (k, m, p) temporary (2.8x faster on the
-        # CPU); columns: the strided norm is 20x slower there than squaring and summing
-        row_energy = torch.linalg.vector_norm(rows, dim=-1).square_() / (p * n)
-        col_energy = cols.square().sum(-2) / (p * m)
-        return row_energy, col_energy
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-class GradientStatistics(Protocol):
-    """Where AdaPreLoRA's row and column energies of G come from (`SketchStatistics`; the
-    statistics benchmark swaps in exact ones to measure what the sketch costs in training)."""
-
-    @property
-    def cycle(self) -> int: ...
-
-    @property
-    def active(self) -> bool: ...
-
-    def set_cycle(self, cycle: int) -> None: ...
-
-    def zero_(self) -> None: ...
-
-    def all_reduce_(self) -> None: ...
-
-    def energies(self, group: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def remove(self) -> None: ...
-
-
-@dataclass
-class AdafactorMoments:
-    """Row and column second moments of G for one group, with Adafactor's moving average."""
-
-    rows: torch.Tensor  # (k, m)
-    cols: torch.Tensor  # (k, n)
-
-    def update(self, *, row_energy: torch.Tensor, col_energy: torch.Tensor, beta2: float) -> None:
-        """Fold in one step's mean squares per row (k, m) and column (k, n)."""
-        eps = 1e-30
-        self.rows.mul_(beta2).add_(row_energy + eps, alpha=1 - beta2)
-        self.cols.mul_(beta2).add_(col_energy + eps, alpha=1 - beta2)
