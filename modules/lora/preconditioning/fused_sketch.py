@@ -28,36 +28,41 @@ from modules.lora.layers import LoRAModule
 from modules.lora.preconditioning.sketch import LayerSketch
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class _SketchedLoRALinear(torch.autograd.Function):
-    """`s * ((x A^T) * mask) B^T`, whose backward also accumulates the layer's two sketches."""
+    """`s * ((x A^T) * mask) B^T`, whose backward also accumulates the layer's two sketches.
+
+    `omega` (p x n) and `psi` (m x p) are the step's probes in the dtype of `x`, the dtype the
+    products run in; the sketches (float32) are `sink.rows` and `sink.cols`."""
 
     @staticmethod
-    def forward(ctx, x, a, b, mask, scale: float, sink: LayerSketch):
+    def forward(ctx, x, a, b, mask, omega, psi, scale: float, sink: LayerSketch):
         r, n = a.shape
         dtype = x.dtype
-        omega = sink.probes.probes(n, device=x.device, role="right").to(dtype)
         flat = x.reshape(-1, n)
-        widened = flat @ torch.cat([a.to(dtype), omega.mT]).mT  # [h | x Omega]
+        widened = flat @ torch.cat([_as(a, dtype), omega]).mT  # [h | x Omega]
         hidden = widened[:, :r]
         if mask is not None:
             hidden.mul_(mask.reshape(-1, r))
         hidden.mul_(scale)  # now s h * mask: grad B = dY^T of it
-        out = hidden @ b.to(dtype).mT
-        ctx.save_for_backward(flat, a, b, widened, mask)
+        out = hidden @ _as(b, dtype).mT
+        ctx.save_for_backward(flat, a, b, widened, mask, psi)
         ctx.scale, ctx.sink, ctx.input_shape = scale, sink, x.shape
         return out.reshape(*x.shape[:-1], b.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, a, b, widened, mask = ctx.saved_tensors
+        flat, a, b, widened, mask, psi = ctx.saved_tensors
         sink: LayerSketch = ctx.sink
         r, m = a.shape[0], b.shape[0]
         dtype = widened.dtype
-        psi = sink.probes.probes(m, device=flat.device, role="left").to(dtype)
-        dy = grad_out.reshape(-1, m).to(dtype)
+        dy = _as(grad_out.reshape(-1, m), dtype)
         up = dy.mT @ widened  # [grad B | G Omega]
         sink.rows.add_(up[:, r:])
-        down = dy @ torch.cat([b.to(dtype) * ctx.scale, psi], dim=1)  # [dh | dY Psi]
+        down = dy @ torch.cat([_as(b, dtype) * ctx.scale, psi], dim=1)  # [dh | dY Psi]
         grad_hidden = down[:, :r]
         if mask is not None:
             grad_hidden.mul_(mask.reshape(-1, r))
@@ -65,8 +70,9 @@ class _SketchedLoRALinear(torch.autograd.Function):
         sink.cols.add_(left[r:])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_hidden @ a.to(dtype)).reshape(ctx.input_shape)
-        return grad_x, left[:r].to(a.dtype), up[:, :r].to(b.dtype), None, None, None
+            grad_x = (grad_hidden @ _as(a, dtype)).reshape(ctx.input_shape)
+        grad_a, grad_b = _as(left[:r], a.dtype), _as(up[:, :r], b.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def sketched_lora_linear(
@@ -78,10 +84,12 @@ def sketched_lora_linear(
     sink: LayerSketch,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The LoRA delta of `x` (in the dtype of `x`) with the sketches taken in its backward.
-
-    `mask` is LoRA dropout's scaled keep mask on the hidden r features (shape `x[..., :r]`)."""
-    return _SketchedLoRALinear.apply(x, a, b, mask, scale, sink)
+    """The LoRA delta of `x` with the sketches taken in its backward, computed in the dtype of
+    `x`. `mask` is LoRA dropout's scaled keep mask on the hidden r features (shape `x[..., :r]`)."""
+    m, n = b.shape[0], a.shape[1]
+    omega = _as(sink.probes.probes(n, device=x.device, role="right").mT, x.dtype)
+    psi = _as(sink.probes.probes(m, device=x.device, role="left"), x.dtype)
+    return _SketchedLoRALinear.apply(x, a, b, mask, omega, psi, scale, sink)
 
 
 @dataclass
@@ -106,6 +114,6 @@ class FusedLinearSketch:
             mask = torch.empty(shape, dtype=dtype, device=x.device).bernoulli_(keep).div_(keep)
         options = {"a": a, "b": b, "scale": adapter.scale, "sink": self.sink, "mask": mask}
         if not autocast:
-            return sketched_lora_linear(x.to(dtype), **options).to(x.dtype)
+            return _as(sketched_lora_linear(_as(x, dtype), **options), x.dtype)
         with torch.autocast(device_type, enabled=False):  # the products are in `dtype` already
-            return sketched_lora_linear(x.to(dtype), **options).to(x.dtype)
+            return _as(sketched_lora_linear(_as(x, dtype), **options), x.dtype)
