@@ -4,16 +4,19 @@ Builds the tiny SDXL model and the demo data set in a temporary folder and const
 `TrainingRun` per setting: preconditioning off, off again (a copy: it shows how far two identical
 settings drift apart on this machine, i.e. the measurement's resolution), Riemannian,
 AdaPreLoRA, and AdaPreLoRA with exact statistics (scripts/exact_statistics.py: what the sketch
-saves). Each run trains in its own thread, but only one thread works at a time: they take
-turns step by step, round robin, so every round times each setting once within a few hundred
+saves). Each run trains in its own process, but only one works at a time: they take turns
+step by step, round robin, so every round times each setting once within a few hundred
 milliseconds of the others. Load from other jobs on a shared machine then hits all settings
-alike, which separate runs one after another (an earlier version of this benchmark) did not
-achieve: their medians moved by +-10% from run to run.
+alike, which separate runs one after another (the first version of this benchmark) did not
+achieve: their medians moved by +-10% from run to run. (The second version took turns between
+threads of one process, which shared one interpreter with every run's data read-ahead thread:
+its steps took 110 ms where a lone run takes 62 to 74 ms, so its times were not those of real
+training.)
 
 Per setting: median seconds per step, and the median over rounds of each round's step time
 divided by the same round's "off" step (the paired overhead). The preconditioned runs also time
 the optimizer-step hook itself. The first `--warmup` steps and the last step of each run (which
-overlaps the other threads' saving) are excluded.
+overlaps the other runs' saving) are excluded.
 
 Writes the table into docs/benchmarks.md (section `preconditioner_step`) unless `--no-write`.
 
@@ -23,14 +26,14 @@ Writes the table into docs/benchmarks.md (section `preconditioner_step`) unless 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,114 +90,92 @@ def training_config(root: Path, *, name: str, lora: dict, steps: int) -> dict:
     }
 
 
-class RoundRobin:
-    """A baton passed between threads in turn; a finished thread leaves the ring.
-
-    After each full round the ring rotates by one, so no setting always goes first (or always
-    follows the same one) and position effects average out over the rounds.
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        self.ring = list(names)
-        self.turn = 0
-        self.condition = threading.Condition()
-
-    def wait(self, name: str) -> None:
-        with self.condition:
-            self.condition.wait_for(lambda: self.ring[self.turn] == name)
-
-    def pass_on(self, name: str, *, leave: bool = False) -> None:
-        with self.condition:
-            index = self.ring.index(name)
-            if leave:
-                self.ring.pop(index)
-                self.turn = index % len(self.ring) if self.ring else 0
-            elif index + 1 < len(self.ring):
-                self.turn = index + 1
-            else:
-                self.ring = self.ring[1:] + self.ring[:1]
-                self.turn = 0
-            self.condition.notify_all()
-
-
 @dataclass
 class Timings:
     steps: list[float] = field(default_factory=list)  # seconds of each optimizer step, in order
     hook: list[float] = field(default_factory=list)  # seconds of the preconditioner hook
 
 
-def instrument(
-    run: TrainingRun, *, name: str, baton: RoundRobin, timings: Timings
-) -> Callable[[], None]:
-    """Time each step from taking the baton to the end of `pipeline.step`, then pass it on.
+def worker(root: Path, name: str, index: int, steps: int, threads: int, conn: Connection) -> None:
+    """One setting's `TrainingRun` in its own process, one optimizer step per "go" message.
 
-    Returns the function that starts the first step's clock."""
-    original_step = run.pipeline.step
-    started = [0.0]
-
-    def step():
-        outcome = original_step()
-        timings.steps.append(time.perf_counter() - started[0])
-        last = len(timings.steps) == run.total_steps
-        baton.pass_on(name, leave=last)
-        if not last:
-            baton.wait(name)
-            started[0] = time.perf_counter()
-        return outcome
-
-    run.pipeline.step = step
+    Times each step from the "go" to the end of `pipeline.step` and answers with it (and the
+    hook's time); idles in a blocking receive in between, so it takes no CPU from the others."""
+    torch.set_num_threads(threads)
+    run = TrainingRun(
+        load_config(
+            raw=training_config(root, name=f"run-{index}", lora=SETTINGS[name], steps=steps)
+        )
+    )
+    if name in ADJUST:
+        ADJUST[name](run)
+    hook: list[float] = []
     if run.preconditioner is not None:
         original_precondition = run.preconditioner.precondition
 
         def precondition() -> None:
             start = time.perf_counter()
             original_precondition()
-            timings.hook.append(time.perf_counter() - start)
+            hook.append(time.perf_counter() - start)
 
         # the optimizer pre-hook calls self.precondition(): the instance attribute wins
         run.preconditioner.precondition = precondition
+    original_step = run.pipeline.step
+    started, done = [0.0], [0]
 
-    def start() -> None:
-        started[0] = time.perf_counter()
+    def step():
+        outcome = original_step()
+        done[0] += 1
+        conn.send((time.perf_counter() - started[0], hook[-1] if hook else None))
+        if done[0] < run.total_steps:
+            conn.recv()  # the next "go"
+            started[0] = time.perf_counter()
+        return outcome
 
-    return start
+    run.pipeline.step = step
+    conn.send("ready")
+    conn.recv()
+    started[0] = time.perf_counter()
+    run.run()
+    conn.close()
 
 
-def measure(root: Path, *, steps: int) -> dict[str, Timings]:
-    runs = {
-        name: TrainingRun(
-            load_config(raw=training_config(root, name=f"run-{index}", lora=lora, steps=steps))
-        )
-        for index, (name, lora) in enumerate(SETTINGS.items())
-    }
-    for name, adjust in ADJUST.items():
-        adjust(runs[name])
-    baton = RoundRobin(list(runs))
-    timings = {name: Timings() for name in runs}
-    errors: list[BaseException] = []
-
-    def work(name: str, run: TrainingRun, start: Callable[[], None]) -> None:
-        try:
-            baton.wait(name)
-            start()
-            run.run()
-        except BaseException as error:  # report it from the main thread
-            errors.append(error)
-            baton.pass_on(name, leave=True)
-
-    threads = [
-        threading.Thread(
-            target=work,
-            args=(name, run, instrument(run, name=name, baton=baton, timings=timings[name])),
-        )
-        for name, run in runs.items()
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+def measure(root: Path, *, steps: int, threads: int) -> dict[str, Timings]:
+    """Every setting in its own process; they take turns step by step, the order rotating by
+    one setting each round, so no setting always follows the same one."""
+    context = multiprocessing.get_context("spawn")
+    names = list(SETTINGS)
+    connections, processes = {}, []
+    try:
+        for index, name in enumerate(names):
+            ours, theirs = context.Pipe()
+            # not a daemon: its data loader starts worker processes of its own
+            process = context.Process(
+                target=worker, args=(root, name, index, steps, threads, theirs)
+            )
+            process.start()
+            connections[name] = ours
+            processes.append(process)
+        for name in names:
+            if connections[name].recv() != "ready":
+                raise RuntimeError(f"{name}: the worker did not start")
+        timings = {name: Timings() for name in names}
+        for round_index in range(steps):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                connections[name].send("go")
+                seconds, hook = connections[name].recv()
+                timings[name].steps.append(seconds)
+                if hook is not None:
+                    timings[name].hook.append(hook)
+        for process in processes:
+            process.join(timeout=120)
+            if process.exitcode != 0:
+                raise RuntimeError(f"a benchmark worker failed (exit code {process.exitcode})")
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
     return timings
 
 
@@ -226,7 +207,7 @@ def table(
         "(`scripts/benchmark_preconditioner_step.py`)",
         "",
         f"{header_line} Tiny SDXL model, LoRA rank 16 on `attn-mlp`, batch 2 at 64 px, fp32, the "
-        f"real `TrainingRun`; the settings take turns step by step, {steps} steps each, the first "
+        f"real `TrainingRun`, each setting in its own process; they take turns step by step, {steps} steps each, the first "
         f"{warmup} and the last excluded ({steps - warmup - 1} rounds).",
         "",
         "| setting | median step | paired overhead (median of per-round ratios) | "
@@ -293,7 +274,7 @@ def sketch_cost_at_sdxl_width(*, rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {"plain": [], "fused": [], "tap": []}
     for _ in range(rounds + 2):
         times["plain"].append(step())
-        adapter.delta_sketch = FusedLinearSketch(sink)
+        adapter.delta_sketch = FusedLinearSketch.alone(adapter, sink)
         times["fused"].append(step())
         adapter.delta_sketch = None
         handle = install_tap(sink)
@@ -316,7 +297,7 @@ def main() -> int:
         root = Path(tmp)
         build_tiny_sdxl(root / "model")
         write_demo_dataset(root / "data", count=8, size=64)
-        timings = measure(root, steps=args.steps)
+        timings = measure(root, steps=args.steps, threads=args.threads)
     sketch = sketch_cost_at_sdxl_width(rounds=args.sketch_rounds)
     text = table(
         summarise(timings, warmup=args.warmup),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from modules.lora.layers import LoRAConv2d, LoRALinear
-from modules.lora.preconditioning.fused_sketch import FusedLinearSketch, sketched_lora_linear
+from modules.lora.preconditioning.fused_sketch import FusedLinearSketch, _SketchedLoRALinear
 from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource
 from modules.lora.preconditioning.statistics import SketchStatistics
 
@@ -48,7 +48,7 @@ def test_fused_delta_equals_plain_lora_and_its_sketches_equal_the_tap() -> None:
     to float64 rounding."""
     plain, fused = _adapter(), _adapter()
     reference_sink, fused_sink = _sink(plain), _sink(fused)
-    fused.delta_sketch = FusedLinearSketch(fused_sink)
+    fused.delta_sketch = FusedLinearSketch.alone(fused, fused_sink)
     for x in _micro_batches():
         x_fused = x.detach().clone().requires_grad_()
         y_plain, y_fused = plain.base(x), fused.base(x_fused)
@@ -73,7 +73,8 @@ def test_fused_delta_applies_lora_dropout_to_the_hidden_features_only() -> None:
     a, b = adapter.lora_down.weight, adapter.lora_up.weight
     x = _micro_batches()[0]
     mask = torch.bernoulli(torch.full((2, 4, 3), 0.5, dtype=torch.float64)) / 0.5
-    out = sketched_lora_linear(x, a=a, b=b, scale=adapter.scale, sink=sink, mask=mask)
+    down, up = FusedLinearSketch.alone(adapter, sink).factors.of(0, torch.float64)
+    out = _SketchedLoRALinear.apply(x, a, b, mask, down, up, sink)
     _loss(out).backward()
     x_ref = x.detach().clone().requires_grad_()
     a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
@@ -90,7 +91,7 @@ def test_fused_delta_applies_lora_dropout_to_the_hidden_features_only() -> None:
 def test_dropout_in_training_mode_draws_a_mask() -> None:
     adapter = _adapter(dropout=0.5)
     sink = _sink(adapter)
-    adapter.delta_sketch = FusedLinearSketch(sink)
+    adapter.delta_sketch = FusedLinearSketch.alone(adapter, sink)
     x = _micro_batches()[0]
     plain = nn.functional.linear(x, adapter.base.weight, adapter.base.bias)
     with torch.no_grad():
@@ -111,8 +112,8 @@ def test_bf16_factors_give_float32_sketches_close_to_float64() -> None:
     low.base.bfloat16()
     low.bfloat16()  # the same values, rounded
     exact_sink, low_sink = _sink(exact), _sink(low, dtype=torch.float32)
-    exact.delta_sketch = FusedLinearSketch(exact_sink)
-    low.delta_sketch = FusedLinearSketch(low_sink)
+    exact.delta_sketch = FusedLinearSketch.alone(exact, exact_sink)
+    low.delta_sketch = FusedLinearSketch.alone(low, low_sink)
     x = _micro_batches()[0]
     _loss(exact.base(x)).backward()
     _loss(low.base(x.detach().bfloat16())).backward()
@@ -127,7 +128,7 @@ def test_autocast_computes_in_its_dtype_and_returns_the_input_dtype() -> None:
     adapter = _adapter(dtype=torch.float32)
     sink = _sink(adapter, dtype=torch.float32)
     reference = _adapter(dtype=torch.float32)
-    adapter.delta_sketch = FusedLinearSketch(sink)
+    adapter.delta_sketch = FusedLinearSketch.alone(adapter, sink)
     x = _micro_batches(torch.float32)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = adapter.delta_sketch.delta(adapter, x), reference.delta(x)
@@ -159,3 +160,69 @@ def test_statistics_fuse_linear_layers_tap_conv_layers_and_uninstall_both() -> N
     assert all(tensor.abs().sum() > 0 for pair in statistics.sketches for tensor in pair)
     statistics.remove()
     assert linear.delta_sketch is None and len(conv.base._forward_hooks) == 1
+
+
+def test_a_group_shares_its_widened_factors_and_always_sees_the_current_weights() -> None:
+    """Two layers in one group; an optimizer step between two forward passes of one cycle, then
+    a new cycle (new probes): every forward pass equals the plain LoRA's on the current weights,
+    and the sketches of a cycle equal the tap's."""
+    layers = [_adapter(dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        layers[1].lora_down.weight.mul_(-2.0)  # make the two layers differ
+    probes = ProbeSource(size=5, seed=3)
+    statistics = SketchStatistics(
+        shapes=[(2, 9, 12)], adapters=[layers], probes=probes, device=torch.device("cpu")
+    )
+    taps = SketchStatistics(
+        shapes=[(2, 9, 12)],
+        adapters=[layers],
+        probes=ProbeSource(size=5, seed=3),
+        device=torch.device("cpu"),
+        fuse=False,
+    )
+    factors = {id(layer.delta_sketch.factors) for layer in layers}
+    assert len(factors) == 1  # one WidenedFactors for the group
+    optimizer = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.1)
+    for cycle in range(2):
+        for _ in range(2):  # two micro-batches, with a weight update in between
+            for layer in layers:
+                x = _micro_batches()[0]
+                plain = nn.functional.linear(x, layer.base.weight, layer.base.bias)
+                expected = plain + layer.delta(x)
+                y = layer.base(x)
+                torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+                _loss(y).backward()
+            optimizer.step()
+        for (rows, cols), (tap_rows, tap_cols) in zip(
+            statistics.sketches, taps.sketches, strict=True
+        ):
+            # float32 sketch buffers, summed in another order: float32 rounding
+            torch.testing.assert_close(rows, tap_rows, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(cols, tap_cols, rtol=1e-6, atol=1e-5)
+        optimizer.zero_grad()
+        statistics.zero_()
+        taps.zero_()
+        assert probes.cycle == cycle + 1
+    statistics.remove()
+    taps.remove()
+    assert all(layer.delta_sketch is None for layer in layers)
+
+
+def test_a_group_mixing_linear_and_1x1_conv_layers_fuses_the_linear_ones() -> None:
+    """A 1x1 Conv2d and a Linear of the same matrix shape share a group (same packing key)."""
+    linear = _adapter(dtype=torch.float32)
+    conv = LoRAConv2d(base=nn.Conv2d(12, 9, 1), name="conv", rank=3, alpha=6.0)
+    conv.attach()
+    statistics = SketchStatistics(
+        shapes=[(2, 9, 12)],
+        adapters=[[conv, linear]],
+        probes=ProbeSource(size=4, seed=0),
+        device=torch.device("cpu"),
+    )
+    assert linear.delta_sketch is not None and linear.delta_sketch.index == 0
+    assert conv.delta_sketch is None and len(conv.base._forward_hooks) == 2
+    _loss(linear.base(torch.randn(3, 12))).backward()
+    _loss(conv.base(torch.randn(1, 12, 2, 2))).backward()
+    rows, cols = statistics.sketches[0]
+    assert all(rows[i].abs().sum() > 0 and cols[i].abs().sum() > 0 for i in range(2))
+    statistics.remove()

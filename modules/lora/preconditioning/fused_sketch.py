@@ -5,8 +5,8 @@ output gradient dY by B (m x r) in the backward pass; the sketches need `x Omega
 with p probe columns, then `dY^T (x Omega)` and `(dY Psi)^T x`. Widening the LoRA's products
 to r + p columns gives them all with no extra pass over x or dY:
 
-    forward   [h | x Omega]        = x [A; Omega^T]^T               (tokens x (r + p))
-              out                  = s (h * mask) B^T
+    forward   [s h | x Omega]      = x [s A; Omega^T]^T             (tokens x (r + p))
+              out                  = (s h * mask) B^T
     backward  [grad B | G Omega]   = dY^T [s h * mask | x Omega]    (m x (r + p))
               [dh | dY Psi]        = dY [s B | Psi]                 (tokens x (r + p))
               [grad A | Psi^T G]   = [dh * mask | dY Psi]^T x       ((r + p) x n)
@@ -14,8 +14,12 @@ to r + p columns gives them all with no extra pass over x or dY:
 
 Same number of products as the plain LoRA, each p columns wider; the separate tap
 (`sketch.install_tap`) reads x and dY twice more, which is what it costs at SDXL width (the
-products are memory-bound), and adds four small products per layer, which is what it costs on
-small models. `sketch.LayerSketch.accumulate` stays the reference the tests compare against.
+products are memory-bound), and adds four small products per layer. The widened factors
+`[s A; Omega^T]` and `[s B | Psi]` change once per optimizer step (new weights, new probes), so
+`WidenedFactors` builds them for a whole group of same-shaped layers at the first forward pass
+of the step: per layer and micro-batch only the products remain, which is what counts on small
+models (call overhead) and on a GPU (kernel launches). `sketch.LayerSketch.accumulate` stays
+the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -25,7 +29,62 @@ from dataclasses import dataclass
 import torch
 
 from modules.lora.layers import LoRAModule
-from modules.lora.preconditioning.sketch import LayerSketch
+from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+class WidenedFactors:
+    """`[s A; Omega^T]` (k, r + p, n) and `[s B | Psi]` (k, m, r + p) of one group of
+    same-shaped Linear LoRAs, in the products' dtype, for the current optimizer step.
+
+    Built at the first forward pass after the probes were redrawn (`ProbeSource.next_cycle`, with
+    every zeroing of the gradients, so after every optimizer step) and again whenever a factor
+    was replaced or changed in place since (its version counter moved), so the forward pass
+    always sees the current weights.
+    """
+
+    def __init__(self, adapters: list[LoRAModule], probes: ProbeSource) -> None:
+        self.adapters = adapters
+        self.probes = probes
+        self.down = self.up = torch.empty(0)
+        self._key: tuple | None = None
+        self._stamps: list[tuple[int, int, int, int]] = []
+
+    def of(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s widened factors, (r + p, n) and (m, r + p)."""
+        adapter = self.adapters[index]
+        a, b = adapter.lora_down.weight, adapter.lora_up.weight
+        if self._key != (self.probes.cycle, dtype, a.device) or self._stamps[index] != _stamp(a, b):
+            self._build(dtype, a.device)
+        return self.down[index], self.up[index]
+
+    @torch.no_grad()
+    def _build(self, dtype: torch.dtype, device: torch.device) -> None:
+        downs = [adapter.lora_down.weight for adapter in self.adapters]
+        ups = [adapter.lora_up.weight for adapter in self.adapters]
+        k, (r, n), m, p = len(downs), downs[0].shape, ups[0].shape[0], self.probes.size
+        if self.down.shape != (k, r + p, n) or self.down.dtype != dtype:
+            self.down = torch.empty(k, r + p, n, dtype=dtype, device=device)
+            self.up = torch.empty(k, m, r + p, dtype=dtype, device=device)
+        # applied in float32 (float64 for float64) and rounded once, like `LoRAModule.delta`'s
+        scale = torch.tensor(
+            [adapter.scale for adapter in self.adapters],
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+            device=device,
+        )
+        self.down[:, :r].copy_(torch.stack(downs)).mul_(scale[:, None, None])
+        self.down[:, r:].copy_(self.probes.probes(n, device=device, role="right").mT)
+        self.up[:, :, :r].copy_(torch.stack(ups)).mul_(scale[:, None, None])
+        self.up[:, :, r:].copy_(self.probes.probes(m, device=device, role="left"))
+        self._stamps = [_stamp(a, b) for a, b in zip(downs, ups, strict=True)]
+        self._key = (self.probes.cycle, dtype, device)
+
+
+def _stamp(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, int]:
+    return (id(a), a._version, id(b), b._version)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -33,36 +92,34 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _SketchedLoRALinear(torch.autograd.Function):
-    """`s * ((x A^T) * mask) B^T`, whose backward also accumulates the layer's two sketches.
+    """`((x (s A)^T) * mask) B^T`, whose backward also accumulates the layer's two sketches.
 
-    `omega` (p x n) and `psi` (m x p) are the step's probes in the dtype of `x`, the dtype the
-    products run in; the sketches (float32) are `sink.rows` and `sink.cols`."""
+    `down` = [s A; Omega^T] and `up` = [s B | Psi] (`WidenedFactors`) are in the dtype of `x`,
+    the dtype the products run in; `a` and `b` are the parameters, which get the gradients."""
 
     @staticmethod
-    def forward(ctx, x, a, b, mask, omega, psi, scale: float, sink: LayerSketch):
+    def forward(ctx, x, a, b, mask, down, up, sink: LayerSketch):
         r, n = a.shape
-        dtype = x.dtype
         flat = x.reshape(-1, n)
-        widened = flat @ torch.cat([_as(a, dtype), omega]).mT  # [h | x Omega]
+        widened = flat @ down.mT  # [s h | x Omega]
         hidden = widened[:, :r]
         if mask is not None:
-            hidden.mul_(mask.reshape(-1, r))
-        hidden.mul_(scale)  # now s h * mask: grad B = dY^T of it
-        out = hidden @ _as(b, dtype).mT
-        ctx.save_for_backward(flat, a, b, widened, mask, psi)
-        ctx.scale, ctx.sink, ctx.input_shape = scale, sink, x.shape
+            hidden.mul_(mask.reshape(-1, r))  # s h * mask: grad B = dY^T of it
+        out = hidden @ _as(b, x.dtype).mT
+        ctx.save_for_backward(flat, a, b, widened, mask, up)
+        ctx.sink, ctx.input_shape = sink, x.shape
         return out.reshape(*x.shape[:-1], b.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, a, b, widened, mask, psi = ctx.saved_tensors
+        flat, a, b, widened, mask, up = ctx.saved_tensors
         sink: LayerSketch = ctx.sink
         r, m = a.shape[0], b.shape[0]
         dtype = widened.dtype
         dy = _as(grad_out.reshape(-1, m), dtype)
-        up = dy.mT @ widened  # [grad B | G Omega]
-        sink.rows.add_(up[:, r:])
-        down = dy @ torch.cat([_as(b, dtype) * ctx.scale, psi], dim=1)  # [dh | dY Psi]
+        right = dy.mT @ widened  # [grad B | G Omega]
+        sink.rows.add_(right[:, r:])
+        down = dy @ up  # [dh | dY Psi]
         grad_hidden = down[:, :r]
         if mask is not None:
             grad_hidden.mul_(mask.reshape(-1, r))
@@ -71,49 +128,43 @@ class _SketchedLoRALinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_hidden @ _as(a, dtype)).reshape(ctx.input_shape)
-        grad_a, grad_b = _as(left[:r], a.dtype), _as(up[:, :r], b.dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
-
-
-def sketched_lora_linear(
-    x: torch.Tensor,
-    *,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float,
-    sink: LayerSketch,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The LoRA delta of `x` with the sketches taken in its backward, computed in the dtype of
-    `x`. `mask` is LoRA dropout's scaled keep mask on the hidden r features (shape `x[..., :r]`)."""
-    m, n = b.shape[0], a.shape[1]
-    omega = _as(sink.probes.probes(n, device=x.device, role="right").mT, x.dtype)
-    psi = _as(sink.probes.probes(m, device=x.device, role="left"), x.dtype)
-    return _SketchedLoRALinear.apply(x, a, b, mask, omega, psi, scale, sink)
+        grad_a, grad_b = _as(left[:r], a.dtype), _as(right[:, :r], b.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 @dataclass
 class FusedLinearSketch:
-    """Installed as a `LoRALinear`'s `delta_sketch`: its delta then fills `sink` on backward."""
+    """Installed as a `LoRALinear`'s `delta_sketch`: its delta then fills `sink` on backward.
+
+    `factors.adapters[index]` is the adapter it is installed on."""
 
     sink: LayerSketch
+    factors: WidenedFactors
+    index: int
+
+    @classmethod
+    def alone(cls, adapter: LoRAModule, sink: LayerSketch) -> FusedLinearSketch:
+        """For a single layer, not part of a group."""
+        return cls(sink=sink, factors=WidenedFactors([adapter], sink.probes), index=0)
 
     def applies(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and self.sink.probes.active
 
     def delta(self, adapter: LoRAModule, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA delta of `x` (in its dtype), computed in the dtype `LoRAModule.delta` uses."""
         a, b = adapter.lora_down.weight, adapter.lora_up.weight
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else a.dtype
-        dropout = adapter.dropout
         mask = None
+        dropout = adapter.dropout
         if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
             keep = 1.0 - dropout.p
             shape = (*x.shape[:-1], a.shape[0])
             mask = torch.empty(shape, dtype=dtype, device=x.device).bernoulli_(keep).div_(keep)
-        options = {"a": a, "b": b, "scale": adapter.scale, "sink": self.sink, "mask": mask}
+        down, up = self.factors.of(self.index, dtype)
+        inputs = (_as(x, dtype), a, b, mask, down, up, self.sink)
         if not autocast:
-            return _as(sketched_lora_linear(_as(x, dtype), **options), x.dtype)
+            return _as(_SketchedLoRALinear.apply(*inputs), x.dtype)
         with torch.autocast(device_type, enabled=False):  # the products are in `dtype` already
-            return _as(sketched_lora_linear(_as(x, dtype), **options), x.dtype)
+            return _as(_SketchedLoRALinear.apply(*inputs), x.dtype)

@@ -15,25 +15,38 @@ import torch
 import torch.distributed as dist
 
 from modules.lora.layers import LoRALinear, LoRAModule
-from modules.lora.preconditioning.fused_sketch import FusedLinearSketch
+from modules.lora.preconditioning.fused_sketch import FusedLinearSketch, WidenedFactors
 from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource, install_tap
 
 
-def install_sketch(adapter: LoRAModule, sink: LayerSketch, *, fuse: bool) -> Callable[[], None]:
-    """Make the adapter's backward pass fill `sink`; returns what undoes it.
+def install_sketches(
+    adapters: list[LoRAModule], sinks: list[LayerSketch], *, fuse: bool
+) -> list[Callable[[], None]]:
+    """Make one group's adapters fill their sinks in the backward pass; returns the undo steps.
 
-    `fuse`: a Linear LoRA takes the sketches inside its own products (one sketch per adapter);
-    otherwise, and for Conv2d, a tap on the adapted layer's output takes them (any number)."""
-    if fuse and isinstance(adapter, LoRALinear):
-        if adapter.delta_sketch is not None:
-            raise ValueError(f"{adapter.name}: already takes AdaPreLoRA statistics")
-        adapter.delta_sketch = FusedLinearSketch(sink)
+    `fuse`: Linear LoRAs take the sketches inside their own products, sharing the group's
+    `WidenedFactors` (one sketch per adapter); other layers (Conv2d), and every layer without
+    `fuse`, get a tap on the adapted layer's output (any number per layer)."""
+    fused = [i for i, adapter in enumerate(adapters) if fuse and isinstance(adapter, LoRALinear)]
+    undo: list[Callable[[], None]] = []
+    if fused:
+        factors = WidenedFactors([adapters[i] for i in fused], sinks[0].probes)
+        for position, i in enumerate(fused):
+            adapter = adapters[i]
+            if adapter.delta_sketch is not None:
+                raise ValueError(f"{adapter.name}: already takes AdaPreLoRA statistics")
+            adapter.delta_sketch = FusedLinearSketch(sink=sinks[i], factors=factors, index=position)
+            undo.append(_uninstaller(adapter))
+    tapped = set(range(len(adapters))) - set(fused)
+    undo += [install_tap(sinks[i]).remove for i in sorted(tapped)]
+    return undo
 
-        def uninstall() -> None:
-            adapter.delta_sketch = None
 
-        return uninstall
-    return install_tap(sink).remove
+def _uninstaller(adapter: LoRAModule) -> Callable[[], None]:
+    def uninstall() -> None:
+        adapter.delta_sketch = None
+
+    return uninstall
 
 
 class SketchStatistics:
@@ -59,13 +72,16 @@ class SketchStatistics:
             (torch.zeros(k, m, p, **options), torch.zeros(k, p, n, **options)) for k, m, n in shapes
         ]
         self._uninstall = [
-            install_sketch(
-                adapter,
-                LayerSketch(rows=rows[index], cols=cols[index], base=adapter.base, probes=probes),
+            undo
+            for (rows, cols), layers in zip(self.sketches, adapters, strict=True)
+            for undo in install_sketches(
+                layers,
+                [
+                    LayerSketch(rows=rows[i], cols=cols[i], base=adapter.base, probes=probes)
+                    for i, adapter in enumerate(layers)
+                ],
                 fuse=fuse,
             )
-            for (rows, cols), layers in zip(self.sketches, adapters, strict=True)
-            for index, adapter in enumerate(layers)
         ]
 
     @property
