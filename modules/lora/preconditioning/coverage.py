@@ -53,7 +53,7 @@ def find_coverage(
     """Pairs among the trainable `named_parameters`; `modules` supply each pair's scale and layer.
 
     `part_of` maps adapter names to model parts for the report; `needs_layer` (AdaPreLoRA) also
-    requires a Linear or ungrouped Conv2d layer whose gradient the statistics tap can sketch.
+    requires a Linear or ungrouped Conv2d layer whose gradient the statistics can sketch.
     """
     trainable = [(name, p) for name, p in named_parameters if p.requires_grad]
     adapters = _adapter_of_factor(modules)

@@ -75,9 +75,9 @@ class WidenedFactors:
             dtype=torch.float64 if dtype == torch.float64 else torch.float32,
             device=device,
         )
-        self.down[:, :r].copy_(torch.stack(downs)).mul_(scale[:, None, None])
+        torch.mul(torch.stack(downs), scale[:, None, None], out=self.down[:, :r])
         self.down[:, r:].copy_(self.probes.probes(n, device=device, role="right").mT)
-        self.up[:, :, :r].copy_(torch.stack(ups)).mul_(scale[:, None, None])
+        torch.mul(torch.stack(ups), scale[:, None, None], out=self.up[:, :, :r])
         self.up[:, :, r:].copy_(self.probes.probes(m, device=device, role="left"))
         self._stamps = [_stamp(a, b) for a, b in zip(downs, ups, strict=True)]
         self._key = (self.probes.cycle, dtype, device)
@@ -85,10 +85,6 @@ class WidenedFactors:
 
 def _stamp(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, int]:
     return (id(a), a._version, id(b), b._version)
-
-
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _SketchedLoRALinear(torch.autograd.Function):

@@ -29,7 +29,7 @@ class ProbeSource:
     """Gaussian probes of each size, fixed within an optimizer step and redrawn for the next.
 
     Drawn from a generator seeded by (seed, step cycle), so a resumed run sees the same probes.
-    Only every `every`-th cycle is sketched (`active`); the taps do nothing in the others.
+    Only every `every`-th cycle is sketched (`active`); the others take no sketches.
     """
 
     def __init__(self, *, size: int, seed: int, every: int = 1) -> None:
