@@ -155,3 +155,30 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
     assert all(p._lora_role == "B" for p in groups["unet_up"]["params"])
     assert all(p._lora_role == "A" for p in groups["unet"]["params"])
     assert run.run().steps == 2
+
+
+def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    """Checkpointing recomputes each block's forward pass in the backward pass; the sketches
+    taken in the LoRA products must still count every micro-batch exactly once."""
+    moments = []
+    for checkpointing in (False, True):
+        raw = tiny_config(
+            tiny_sdxl_path,
+            tiny_dataset_path,
+            tmp_path / str(checkpointing),
+            lora={"rank": 4, "alpha": 4, **ADAPRELORA},
+            training={"gradient_checkpointing": checkpointing, "gradient_accumulation_steps": 2},
+        )
+        run = TrainingRun(load_config(raw=raw))
+        for position in range(2):
+            _, batch = run.dataset.load(position)
+            with run.pipeline.micro_batch():
+                loss = run.model(batch, torch.Generator().manual_seed(position))
+            run.pipeline.backward(loss)
+        run.pipeline.step()
+        moments.append([m.rows.clone() for m in run.preconditioner.moments])
+    assert moments[0][0].abs().sum() > 0
+    for plain, recomputed in zip(*moments, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-12)
