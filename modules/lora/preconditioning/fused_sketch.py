@@ -52,6 +52,8 @@ class WidenedFactors:
         self.down = self.up = torch.empty(0)
         self._key: tuple | None = None
         self._stamps: list[tuple[int, int, int, int]] = []
+        self._scales = torch.empty(0)
+        self._scales_key: tuple | None = None
 
     def of(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s widened factors, (r + p, n) and (m, r + p)."""
@@ -69,18 +71,24 @@ class WidenedFactors:
         if self.down.shape != (k, r + p, n) or self.down.dtype != dtype:
             self.down = torch.empty(k, r + p, n, dtype=dtype, device=device)
             self.up = torch.empty(k, m, r + p, dtype=dtype, device=device)
-        # applied in float32 (float64 for float64) and rounded once, like `LoRAModule.delta`'s
-        scale = torch.tensor(
-            [adapter.scale for adapter in self.adapters],
-            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-            device=device,
-        )
-        torch.mul(torch.stack(downs), scale[:, None, None], out=self.down[:, :r])
+        scale = self._scale_tensor(dtype, device)
+        torch.mul(torch.stack(downs), scale, out=self.down[:, :r])
         self.down[:, r:].copy_(self.probes.probes(n, device=device, role="right").mT)
-        torch.mul(torch.stack(ups), scale[:, None, None], out=self.up[:, :, :r])
+        torch.mul(torch.stack(ups), scale, out=self.up[:, :, :r])
         self.up[:, :, r:].copy_(self.probes.probes(m, device=device, role="left"))
         self._stamps = [_stamp(a, b) for a, b in zip(downs, ups, strict=True)]
         self._key = (self.probes.cycle, dtype, device)
+
+    def _scale_tensor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Each layer's s as a (k, 1, 1) tensor, in float32 (float64 for float64) so that s A is
+        rounded once, like `LoRAModule.delta`. Made again only when an s changed (a loaded
+        alpha): copying it to a GPU every step would wait for the GPU's queue."""
+        scales = tuple(adapter.scale for adapter in self.adapters)
+        key = (scales, torch.float64 if dtype == torch.float64 else torch.float32, device)
+        if key != self._scales_key:
+            self._scales = torch.tensor(scales, dtype=key[1], device=device)[:, None, None]
+            self._scales_key = key
+        return self._scales
 
 
 def _stamp(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, int]:
