@@ -72,6 +72,8 @@ class LoRAPreconditioner:
         self.groups: list[FactorGroup] = pack_pairs(raw, [pair.scale for pair in pairs])
         self.applied_steps = 0
         self.statistics_updates = 0  # AdaPreLoRA: moment updates so far (bias correction)
+        # AdaPreLoRA: the weights of the moments as they are after `statistics_updates` updates
+        self._weights_cache: tuple[int, list[AdafactorWeights]] | None = None
         self._handles: list[Any] = []
         self.moments: list[AdafactorMoments] = []
         self.statistics: GradientStatistics | None = None
@@ -149,7 +151,13 @@ class LoRAPreconditioner:
 
     def _weights(self) -> list[AdafactorWeights]:
         """Each group's Adafactor weights from its bias-corrected moments; unit weights while
-        there are none yet (the first applied step fell between two statistics steps)."""
+        there are none yet (the first applied step fell between two statistics steps). They
+        change only with the moments, so steps between two statistics steps reuse them."""
+        if self._weights_cache is None or self._weights_cache[0] != self.statistics_updates:
+            self._weights_cache = (self.statistics_updates, self._weights_from_moments())
+        return self._weights_cache[1]
+
+    def _weights_from_moments(self) -> list[AdafactorWeights]:
         if self.statistics_updates == 0:
             return [
                 AdafactorWeights.from_moments(torch.ones_like(m.rows), torch.ones_like(m.cols))
@@ -201,3 +209,4 @@ class LoRAPreconditioner:
         for moments, rows, cols in zip(self.moments, state["rows"], state["cols"], strict=True):
             moments.rows.copy_(rows)
             moments.cols.copy_(cols)
+        self._weights_cache = None
