@@ -82,7 +82,7 @@ def train_once(
         opt = torch.optim.SGD(params, lr=lr)
     if damping is not None:
         settings = PreconditionerSettings(method=problem.method, damping=damping, seed=seed)
-        pair = LoRAPair(a=params[0], b=params[1], scale=lora.scale, base=base)
+        pair = LoRAPair(a=params[0], b=params[1], scale=lora.scale, adapter=lora)
         LoRAPreconditioner([pair], settings).attach(opt)
     inputs = torch.randn(256, size, generator=generator)
     wanted = inputs @ (base.weight + target).T
