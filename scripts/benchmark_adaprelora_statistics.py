@@ -63,7 +63,7 @@ from benchmark_preconditioner import sdxl_linear_shapes  # noqa: E402
 from exact_statistics import Alongside, relative_errors, use_exact_statistics  # noqa: E402
 
 from modules.util.machine import benchmark_header  # noqa: E402
-from modules.util.markdown_section import replace_section  # noqa: E402
+from modules.util.markdown_section import report_benchmark  # noqa: E402
 
 PROBES = (2, 8, 32)
 EVERY_4 = "sketch p=8, every 4 steps"  # lora.adaprelora_statistics_every = 4
@@ -357,9 +357,7 @@ def main() -> int:
             reading(effect_result, mem),
         ]
     )
-    print(text)
-    if not args.no_write:
-        replace_section(REPO / "docs" / "benchmarks.md", "adaprelora_statistics", text)
+    report_benchmark(text, section="adaprelora_statistics", write=not args.no_write)
     return 0
 
 

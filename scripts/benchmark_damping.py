@@ -34,7 +34,7 @@ from modules.lora.preconditioning.preconditioner import (  # noqa: E402
     PreconditionerSettings,
 )
 from modules.util.machine import benchmark_header  # noqa: E402
-from modules.util.markdown_section import replace_section  # noqa: E402
+from modules.util.markdown_section import report_benchmark  # noqa: E402
 
 VARIANTS: dict[str, Damping | None] = {
     "none (plain optimizer)": None,
@@ -171,9 +171,7 @@ def main() -> None:
     problems.append(Problem(condition=100.0, rank=8))
     rows = measure(problems, steps=args.steps, seeds=args.seeds)
     text = table(rows, header_line=header_line, steps=args.steps, seeds=args.seeds)
-    print(text)
-    if not args.no_write:
-        replace_section(REPO / "docs" / "benchmarks.md", "damping", text)
+    report_benchmark(text, section="damping", write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from modules.data.pipeline import DataPipeline
 from modules.models.tiny_sdxl import build_tiny_sdxl
 from modules.training.trainer import TrainingRun
 from modules.util.machine import benchmark_header
-from modules.util.markdown_section import replace_section
+from modules.util.markdown_section import report_benchmark
 
 
 def write_photos(folder: Path, count: int) -> None:
@@ -151,9 +151,7 @@ def main() -> int:
         f"| loader cost | {overhead:+.1f}% of a step |",
     ]
     table = "\n".join(lines)
-    print(table)
-    if args.write:
-        replace_section(Path("docs/benchmarks.md"), "data-pipeline", table)
+    report_benchmark(table, section="data-pipeline", write=args.write)
     return 0
 
 

@@ -60,7 +60,7 @@ from modules.lora.preconditioning.preconditioner import (  # noqa: E402
     PreconditionerSettings,
 )
 from modules.util.machine import benchmark_header  # noqa: E402
-from modules.util.markdown_section import replace_section  # noqa: E402
+from modules.util.markdown_section import report_benchmark  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_REG = 1e-2  # PEFT's default damping
@@ -379,9 +379,7 @@ def main() -> int:
     rows = pass_rows(args, device, dtype)
     sections += ["", pass_table(rows, device=device, dtype=dtype, repeats=args.repeats)]
     text = "\n".join(sections)
-    print(text)
-    if not args.no_write:
-        replace_section(REPO / "docs" / "benchmarks.md", "preconditioner_speed", text)
+    report_benchmark(text, section="preconditioner_speed", write=not args.no_write)
     return 0
 
 

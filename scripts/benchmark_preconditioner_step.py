@@ -54,7 +54,7 @@ from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource, instal
 from modules.models.tiny_sdxl import build_tiny_sdxl  # noqa: E402
 from modules.training.trainer import TrainingRun  # noqa: E402
 from modules.util.machine import benchmark_header  # noqa: E402
-from modules.util.markdown_section import replace_section  # noqa: E402
+from modules.util.markdown_section import report_benchmark  # noqa: E402
 
 # setting name -> the lora section's preconditioning keys
 SETTINGS: dict[str, dict] = {
@@ -311,9 +311,7 @@ def main() -> int:
         steps=args.steps,
         warmup=args.warmup,
     )
-    print(text)
-    if not args.no_write:
-        replace_section(REPO / "docs" / "benchmarks.md", "preconditioner_step", text)
+    report_benchmark(text, section="preconditioner_step", write=not args.no_write)
     return 0
 
 

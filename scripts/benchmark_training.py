@@ -25,7 +25,7 @@ from modules.data.demo_dataset import write_demo_dataset
 from modules.models.tiny_sdxl import build_tiny_sdxl
 from modules.training.trainer import TrainingRun
 from modules.util.machine import benchmark_header
-from modules.util.markdown_section import replace_section
+from modules.util.markdown_section import report_benchmark
 
 WEIGHT_DTYPE = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -109,9 +109,7 @@ def main() -> int:
         *("| " + " | ".join(row[h] for h in header) + " |" for row in rows),
     ]
     table = "\n".join(lines)
-    print(table)
-    if args.write:
-        replace_section(Path("docs/benchmarks.md"), "training-precision", table)
+    report_benchmark(table, section="training-precision", write=args.write)
     return 0
 
 

@@ -19,3 +19,14 @@ def replace_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
     atomic_write_text(path, text)
+
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+
+
+def report_benchmark(text: str, *, section: str, write: bool) -> None:
+    """Print a benchmark's section and, with `write`, record it in docs/benchmarks.md (found
+    from this file, so a benchmark started from any folder updates the project's copy)."""
+    print(text)
+    if write:
+        replace_section(BENCHMARKS_MD, section, text)
