@@ -73,7 +73,7 @@ def test_fused_delta_applies_lora_dropout_to_the_hidden_features_only() -> None:
     a, b = adapter.lora_down.weight, adapter.lora_up.weight
     x = _micro_batches()[0]
     mask = torch.bernoulli(torch.full((2, 4, 3), 0.5, dtype=torch.float64)) / 0.5
-    down, up = FusedLinearSketch.alone(adapter, sink).factors.of(0, torch.float64)
+    down, up = FusedLinearSketch.alone(adapter, sink).factors.of(0, torch.float64, a=a, b=b)
     out = _SketchedLoRALinear.apply(x, a, b, mask, down, up, sink)
     _loss(out).backward()
     x_ref = x.detach().clone().requires_grad_()

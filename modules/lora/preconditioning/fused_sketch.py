@@ -51,18 +51,20 @@ class WidenedFactors:
         self.adapters = adapters
         self.probes = probes
         self.down = self.up = torch.empty(0)
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # views of down and up
         self._key: tuple | None = None
         self._stamps: list[tuple[int, int, int, int]] = []
         self._scales = torch.empty(0)
         self._scales_key: tuple | None = None
 
-    def of(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `index`'s widened factors, (r + p, n) and (m, r + p)."""
-        adapter = self.adapters[index]
-        a, b = adapter.lora_down.weight, adapter.lora_up.weight
+    def of(
+        self, index: int, dtype: torch.dtype, *, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s widened factors, (r + p, n) and (m, r + p); `a` and `b` are its
+        current factor weights (the caller holds them already: this runs on every forward)."""
         if self._key != (self.probes.cycle, dtype, a.device) or self._stamps[index] != _stamp(a, b):
             self._build(dtype, a.device)
-        return self.down[index], self.up[index]
+        return self._layers[index]
 
     @torch.no_grad()
     def _build(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -77,6 +79,7 @@ class WidenedFactors:
         self.down[:, r:].copy_(self.probes.probes(n, device=device, role="right").mT)
         torch.mul(torch.stack(ups), scale, out=self.up[:, :, :r])
         self.up[:, :, r:].copy_(self.probes.probes(m, device=device, role="left"))
+        self._layers = list(zip(self.down.unbind(), self.up.unbind(), strict=True))
         self._stamps = [_stamp(a, b) for a, b in zip(downs, ups, strict=True)]
         self._key = (self.probes.cycle, dtype, device)
 
@@ -167,7 +170,7 @@ class FusedLinearSketch:
             keep = 1.0 - dropout.p
             shape = (*x.shape[:-1], a.shape[0])
             mask = torch.empty(shape, dtype=dtype, device=x.device).bernoulli_(keep).div_(keep)
-        down, up = self.factors.of(self.index, dtype)
+        down, up = self.factors.of(self.index, dtype, a=a, b=b)
         inputs = (_as(x, dtype), a, b, mask, down, up, self.sink)
         if not autocast:
             return _as(_SketchedLoRALinear.apply(*inputs), x.dtype)
