@@ -25,7 +25,10 @@ SMOKE_RUNS = {
         "| rank | LoRA params | ours, Riemannian |",
     ),
     "benchmark_preconditioner_step.py": (
-        ["--steps", "3", "--warmup", "1", "--sketch-rounds", "1", "--threads", "1", "--no-write"],
+        [
+            *["--steps", "3", "--warmup", "1", "--runs", "1", "--sketch-rounds", "1"],
+            *["--threads", "1", "--no-write"],
+        ],
         "| Riemannian |",
     ),
     "benchmark_adaprelora_statistics.py": (
