@@ -23,6 +23,7 @@ import torch
 from modules.lora.preconditioning.linalg import (
     Damping,
     FactorStacks,
+    Scratch,
     chunk_elements,
     compute_dtype,
     damped_inverse,
@@ -99,29 +100,6 @@ def adaprelora_directions(
     return direction_a, direction_b
 
 
-class _Scratch:
-    """Flat buffers reused by every chunk of every group in one pass, so the pass allocates a few
-    chunk-sized buffers once instead of full-size temporaries per group."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        numel = shape.numel()
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = torch.empty(numel, dtype=dtype, device=self.device)
-            self.buffers[name] = buffer
-        return buffer[:numel].view(shape)
-
-    def convert(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`x` itself when it already has `dtype`, else a converted copy in a scratch buffer."""
-        if x.dtype == dtype:
-            return x
-        return self.take(name, x.shape, dtype).copy_(x)
-
-
 def _products_into(
     factor: torch.Tensor,
     weight: torch.Tensor,
@@ -131,7 +109,7 @@ def _products_into(
     *,
     columns: bool,
     budget: int | None,
-    scratch: _Scratch,
+    scratch: Scratch,
 ) -> None:
     """Unscaled r x r products of one factor, read once: columns (B, L): `gram <- B^T L B`,
     `cross <- B^T g_B`; rows (A, R): `gram <- A R A^T`, `cross <- g_A A^T`."""
@@ -158,7 +136,7 @@ def _directions_(
     *,
     left: bool,
     budget: int | None,
-    scratch: _Scratch,
+    scratch: Scratch,
 ) -> None:
     """In place, a chunk of layers at a time: `g_A <- inverse (g_A R^-1) + correction A` (left)
     or `g_B <- (L^-1 g_B) inverse + B correction`, computed in `inverse`'s dtype.
@@ -201,7 +179,7 @@ def adaprelora_precondition_(
             # `multiply_` has two: a quarter of its chunk stays in cache (about 5% faster than
             # the full chunk on this 2-core machine, 1 MiB to 2 MiB within noise)
             budget //= CHUNK_DIVISOR
-        scratch = _Scratch(device)
+        scratch = Scratch(device)
         sizes = [groups[index].a.shape[0] for index in indices]
         total = sum(sizes)
         offsets = [sum(sizes[:position]) for position in range(len(indices))]

@@ -84,6 +84,29 @@ def _spd_inverse(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return inverse_factor.mT @ inverse_factor, factored
 
 
+class Scratch:
+    """Flat buffers reused by every chunk of every group in one pass, so a pass allocates a few
+    chunk-sized buffers once instead of temporaries per group and chunk."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        numel = shape.numel()
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = torch.empty(numel, dtype=dtype, device=self.device)
+            self.buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+    def convert(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` itself when it already has `dtype`, else a converted copy in a scratch buffer."""
+        if x.dtype == dtype:
+            return x
+        return self.take(name, x.shape, dtype).copy_(x)
+
+
 def chunk_elements(device: torch.device) -> int | None:
     """How many entries the in-place products take at a time on `device` (None: all)."""
     return CPU_CHUNK_ELEMENTS if device.type == "cpu" else None
@@ -114,22 +137,22 @@ def gram_into(
 
 
 def multiply_(
-    grad: torch.Tensor, operator: torch.Tensor, *, left: bool, budget: int | None = None
+    grad: torch.Tensor,
+    operator: torch.Tensor,
+    *,
+    left: bool,
+    budget: int | None,
+    scratch: Scratch,
 ) -> None:
     """In place: `grad <- operator @ grad` (left) or `grad @ operator`, in operator's dtype.
 
     Each chunk's product goes to a scratch buffer and is copied (and cast) back into `grad`.
     """
-    k, per_layer = grad.shape[0], grad[0].numel()
-    slices = list(layer_slices(k, per_layer, budget))
-    largest = max(layers.stop - layers.start for layers in slices) * per_layer
-    options = {"dtype": operator.dtype, "device": grad.device}
-    result = torch.empty(largest, **options)
-    staged = None if grad.dtype == operator.dtype else torch.empty(largest, **options)
-    for layers in slices:
+    dtype = operator.dtype
+    for layers in layer_slices(grad.shape[0], grad[0].numel(), budget):
         chunk = grad[layers]
-        out = result[: chunk.numel()].view(chunk.shape)
-        x = chunk if staged is None else staged[: chunk.numel()].view(chunk.shape).copy_(chunk)
+        x = scratch.convert("staged", chunk, dtype)
+        out = scratch.take("result", chunk.shape, dtype)
         if left:
             torch.bmm(operator[layers], x, out=out)
         else:
@@ -209,19 +232,23 @@ def riemannian_precondition_(groups: Sequence[FactorStacks], damping: Damping) -
     for indices in rank_batches(groups):
         batch = [groups[index] for index in indices]
         first = batch[0].a
-        r, device = first.shape[1], first.device
+        r, device, dtype = first.shape[1], first.device, compute_dtype(first.dtype)
         budget = chunk_elements(device)
         sizes = [group.a.shape[0] for group in batch]
-        grams = torch.empty(2 * sum(sizes), r, r, dtype=compute_dtype(first.dtype), device=device)
+        grams = torch.empty(2 * sum(sizes), r, r, dtype=dtype, device=device)
         starts = [2 * sum(sizes[:index]) for index in range(len(batch))]
         for group, k, start in zip(batch, sizes, starts, strict=True):
-            riemannian_grams_into(
-                group.a, group.b, group.scale, grams[start : start + 2 * k], budget=budget
-            )
+            gram_into(group.b, grams[start : start + k], columns=True, budget=budget)
+            gram_into(group.a, grams[start + k : start + 2 * k], columns=False, budget=budget)
+        # s^2 B^T B and s^2 A A^T of every layer in one product: each group's s twice, in order
+        squares = torch.cat([group.scale for group in batch for _ in range(2)]).to(dtype).square()
+        grams.mul_(squares[:, None, None])
         inverse = damped_inverse(grams, damping)
+        scratch = Scratch(device)
         for group, k, start in zip(batch, sizes, starts, strict=True):
-            multiply_(group.grad_a, inverse[start : start + k], left=True, budget=budget)
-            multiply_(group.grad_b, inverse[start + k : start + 2 * k], left=False, budget=budget)
+            common = {"budget": budget, "scratch": scratch}
+            multiply_(group.grad_a, inverse[start : start + k], left=True, **common)
+            multiply_(group.grad_b, inverse[start + k : start + 2 * k], left=False, **common)
 
 
 def riemannian_directions(
