@@ -13,7 +13,12 @@ from modules.lora.preconditioning.adaprelora import (
     adaprelora_directions,
     adaprelora_precondition_,
 )
-from modules.lora.preconditioning.linalg import Damping, damped_inverse, riemannian_directions
+from modules.lora.preconditioning.linalg import (
+    Damping,
+    damped_inverse,
+    riemannian_directions,
+    riemannian_precondition_,
+)
 
 EXACT = Damping(relative=0.0, absolute=0.0)
 
@@ -232,12 +237,49 @@ def _references(
     ]
 
 
-@pytest.mark.parametrize("chunk", [None, 40])  # whole groups, and chunks of a few layers
-def test_adaprelora_in_place_pass_equals_the_reference(
-    monkeypatch: pytest.MonkeyPatch, chunk: int | None
-) -> None:
-    if chunk is not None:
-        monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", chunk * adaprelora.CHUNK_DIVISOR)
+@pytest.fixture(params=[None, 40], ids=["whole-groups", "chunks"])
+def chunks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-place passes on whole groups, and in chunks of a few layers (AdaPreLoRA's: 40
+    entries; the Riemannian pass's: 160), several per group, with scratch buffers that grow
+    from group to group."""
+    if request.param is not None:
+        monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", request.param * adaprelora.CHUNK_DIVISOR)
+
+
+@pytest.mark.usefixtures("chunks")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_riemannian_in_place_pass_equals_the_reference(dtype: torch.dtype) -> None:
+    groups, _ = _groups(dtype)
+    groups[0].b[1] = 0.0  # B = 0: S_B's factorisation fails undamped; its g_A passes through
+    for damping in (EXACT, Damping()):
+        expected = [
+            riemannian_directions(
+                a=g.a.double(),
+                b=g.b.double(),
+                grad_a=g.grad_a.double(),
+                grad_b=g.grad_b.double(),
+                scale=g.scale,
+                damping=damping,
+            )
+            for g in groups
+        ]
+        saved = [(g.grad_a.clone(), g.grad_b.clone()) for g in groups]
+        riemannian_precondition_(groups, damping)
+        # float64: the same algebra; bf16: float32 algebra, then one rounding to bf16
+        tolerance = {"rtol": 1e-10, "atol": 1e-12}
+        if dtype == torch.bfloat16:
+            tolerance = {"rtol": 4e-3, "atol": 1e-6}
+        for group, (da, db) in zip(groups, expected, strict=True):
+            assert group.grad_a.dtype == dtype and group.grad_b.dtype == dtype
+            torch.testing.assert_close(group.grad_a.double(), da, **tolerance)
+            torch.testing.assert_close(group.grad_b.double(), db, **tolerance)
+        for group, (grad_a, grad_b) in zip(groups, saved, strict=True):
+            group.grad_a.copy_(grad_a)
+            group.grad_b.copy_(grad_b)
+
+
+@pytest.mark.usefixtures("chunks")
+def test_adaprelora_in_place_pass_equals_the_reference() -> None:
     groups, weights = _groups(torch.float64)
     # layer 1 of group 0: B = 0, so S_B is singular and (undamped) its Cholesky fails;
     # layer 0 of group 1: a NaN weight (its rows of dB are NaN in both, nothing else is)
@@ -264,12 +306,8 @@ def test_adaprelora_in_place_pass_with_damping_and_identity_fallback() -> None:
         torch.testing.assert_close(group.grad_b, db, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [None, 40])
-def test_adaprelora_in_place_pass_on_bf16_computes_in_float32(
-    monkeypatch: pytest.MonkeyPatch, chunk: int | None
-) -> None:
-    if chunk is not None:
-        monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", chunk * adaprelora.CHUNK_DIVISOR)
+@pytest.mark.usefixtures("chunks")
+def test_adaprelora_in_place_pass_on_bf16_computes_in_float32() -> None:
     groups, weights = _groups(torch.bfloat16)
     damping = Damping()
     expected = _references(groups, weights, damping)  # float64 from the same bf16 values
