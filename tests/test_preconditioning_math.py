@@ -157,19 +157,33 @@ def test_scaled_gd_w_trajectory_is_invariant_to_rebalancing_the_factors(relative
     assert (plain_1[-1] - plain_c[-1]).abs().max() > 1e-2  # plain GD is not invariant
 
 
-def test_failed_factorisation_and_zero_partner_fall_back_to_the_identity() -> None:
+@pytest.mark.parametrize("potri", [True, False], ids=["potri", "triangular-solve"])
+def test_failed_factorisation_and_zero_partner_fall_back_to_the_identity(potri: bool) -> None:
+    spd = torch.tensor([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]])
+    indefinite_late = spd.clone()
+    indefinite_late[2, 2] = -2.0  # the factorisation fails at the last pivot, after real work
     grams = torch.stack(
         [
-            torch.eye(2) * 4.0,
-            torch.full((2, 2), float("nan")),
-            torch.zeros(2, 2),
+            spd,
+            torch.full((3, 3), float("nan")),
+            torch.zeros(3, 3),
+            indefinite_late,
+            torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+            spd.clone().fill_diagonal_(float("inf")),
         ]
     )
-    inverse = damped_inverse(grams, Damping(relative=0.0, absolute=0.0, identity_below=1e-6))
+    inverse = damped_inverse(
+        grams, Damping(relative=0.0, absolute=0.0, identity_below=1e-6), potri=potri
+    )
     assert torch.isfinite(inverse).all()
-    torch.testing.assert_close(inverse[0], torch.eye(2) / 4)
-    torch.testing.assert_close(inverse[1], torch.eye(2))
-    torch.testing.assert_close(inverse[2], torch.eye(2))
+    torch.testing.assert_close(inverse[0], torch.linalg.inv(spd))
+    for failed in range(1, len(grams)):
+        torch.testing.assert_close(inverse[failed], torch.eye(3))
+    # without the small-Gram fallback only the zero Gram changes: it factorises with lam > 0
+    inverse = damped_inverse(grams, Damping(relative=0.0, absolute=0.5), potri=potri)
+    torch.testing.assert_close(inverse[2], torch.eye(3) * 2)
+    for failed in (1, 3, 4, 5):
+        torch.testing.assert_close(inverse[failed], torch.eye(3))
 
 
 def test_computes_in_float32_for_half_precision_inputs() -> None:
