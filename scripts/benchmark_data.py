@@ -5,7 +5,9 @@
    into 1024 px buckets through the loader, in the training process and with worker processes.
 2. Trains the tiny SDXL model twice on the same config: fed by the real loader from cached latents
    and text embeddings, and fed the very same batches from memory tensors. The difference is what
-   the loader costs per step. `--write` records the tables in docs/benchmarks.md.
+   the loader costs per step.
+
+Writes the tables into docs/benchmarks.md (section `data-pipeline`) unless `--no-write`.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--write", action="store_true", help="record in docs/benchmarks.md")
+    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     header_line = benchmark_header("scripts/benchmark_data.py")  # load before the run
     workers = sorted({0, 2, min(8, os.cpu_count() or 1)})
@@ -151,7 +153,7 @@ def main() -> int:
         f"| loader cost | {overhead:+.1f}% of a step |",
     ]
     table = "\n".join(lines)
-    report_benchmark(table, section="data-pipeline", write=args.write)
+    report_benchmark(table, section="data-pipeline", write=not args.no_write)
     return 0
 
 

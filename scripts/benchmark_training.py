@@ -2,7 +2,9 @@
 
 Builds the tiny SDXL model, trains the same LoRA for a few steps in fp32, bf16 and (on CUDA) fp16
 with loss scaling, and reports seconds per step (warm-up excluded), peak GPU memory and whether the
-final loss and weights are finite. `--write` records the table in docs/benchmarks.md.
+final loss and weights are finite.
+
+Writes the table into docs/benchmarks.md (section `training-precision`) unless `--no-write`.
 """
 
 from __future__ import annotations
@@ -87,9 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument(
-        "--write", action="store_true", help="record the table in docs/benchmarks.md"
-    )
+    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     header_line = benchmark_header("scripts/benchmark_training.py")  # load before the run
     modes = ["no", "bf16", "fp16"] if torch.cuda.is_available() else ["no", "bf16"]
@@ -109,7 +109,7 @@ def main() -> int:
         *("| " + " | ".join(row[h] for h in header) + " |" for row in rows),
     ]
     table = "\n".join(lines)
-    report_benchmark(table, section="training-precision", write=args.write)
+    report_benchmark(table, section="training-precision", write=not args.no_write)
     return 0
 
 

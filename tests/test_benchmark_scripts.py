@@ -1,8 +1,8 @@
 """Every benchmark script runs end to end in its smallest setting, as a user would start it.
 
 The numbers are not checked here (speed belongs to the benchmarks, not to timed tests): what is
-checked is that the scripts still work against the current code, print their table and, without
-their write flag, leave docs/benchmarks.md alone. A renamed keyword once broke a benchmark that
+checked is that the scripts still work against the current code, print their table and, with
+`--no-write`, leave docs/benchmarks.md alone. A renamed keyword once broke a benchmark that
 nothing ran until its next measurement.
 """
 
@@ -36,9 +36,9 @@ SMOKE_RUNS = {
         "Training with the sketch ends at a loss",
     ),
     "benchmark_damping.py": (["--steps", "3", "--seeds", "1", "--no-write"], "| kappa 100, r 8 |"),
-    "benchmark_training.py": (["--steps", "2", "--warmup", "1"], "| no | float32 |"),
+    "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),
     "benchmark_data.py": (
-        ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1"],
+        ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--no-write"],
         "| loader cost |",
     ),
 }
