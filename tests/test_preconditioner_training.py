@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
+from modules.lora.preconditioning.linalg import riemannian_directions
 from modules.training.trainer import TrainingRun
 from tests.helpers import run_cli, straight_and_resumed, tiny_config
 from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
@@ -182,3 +183,53 @@ def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
     assert moments[0][0].abs().sum() > 0
     for plain, recomputed in zip(*moments, strict=True):
         torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "prodigy"])
+def test_every_optimizer_steps_on_the_preconditioned_gradients(
+    name: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    """With each optimizer the trainer offers (adamw_8bit needs CUDA), the gradients its step
+    reads are the float64 Riemannian directions of the finished raw gradients, once a step."""
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path,
+        lora={"rank": 4, "alpha": 8, "riemannian_preconditioning": True},
+        optimizer={"name": name, "learning_rate": 1.0 if name == "prodigy" else 1e-2},
+        training={"max_steps": 3},
+    )
+    run = TrainingRun(load_config(raw=raw))
+    preconditioner = run.preconditioner
+    group = preconditioner.groups[0]
+    raw_grads, read_by_step = [], []
+    precondition = preconditioner.precondition
+
+    def recording_precondition() -> None:
+        raw_grads.append(
+            [t.detach().clone() for t in (group.a, group.b, group.grad_a, group.grad_b)]
+        )
+        precondition()
+
+    preconditioner.precondition = recording_precondition  # what the pre-hook calls
+    # registered after the preconditioner's hook, so it runs after it, just before the update
+    run.optimizer.optimizer.register_step_pre_hook(
+        lambda *_: read_by_step.append((group.grad_a.clone(), group.grad_b.clone()))
+    )
+    run.run()
+    assert preconditioner.applied_steps == 3 and len(read_by_step) == 3
+    assert group.b.abs().max() > 0  # B left zero after the first step: the last two test g_A
+    for (a, b, grad_a, grad_b), (read_a, read_b) in zip(raw_grads, read_by_step, strict=True):
+        direction_a, direction_b = riemannian_directions(
+            a=a.double(),
+            b=b.double(),
+            grad_a=grad_a.double(),
+            grad_b=grad_b.double(),
+            scale=group.scale.double(),
+            damping=preconditioner.settings.damping,
+        )
+        # float32 against float64, to the largest entry's precision (entries near zero lose
+        # digits to cancellation); g_A of the first step is exactly zero (B = 0) on both sides
+        for read, direction in ((read_a, direction_a), (read_b, direction_b)):
+            tolerance = 1e-5 * direction.abs().max().item()
+            torch.testing.assert_close(read.double(), direction, rtol=0, atol=tolerance)
