@@ -256,7 +256,10 @@ def table(
         + "; ".join(verdicts)
         + f". Two identical settings differ by {abs(100 * (copy.paired - 1)):.1f}% within the "
         f"rounds; separate runs of one setting land up to {100 * spread:.1f} points apart (the "
-        "machine's other load changes between runs), which is the resolution of a verdict.",
+        "machine's other load changes between runs), which is the resolution of a verdict. "
+        "The hook is work that a run without preconditioning does not do, so its share is a "
+        "lower bound on a setting's overhead: a paired overhead below it shows how far the "
+        "processes themselves differ (compare the second copy of off).",
         "",
         "AdaPreLoRA's sketches (p = 8) ride in the LoRA's own products, widened from r to r + p "
         "columns; on the 64-wide tiny model what they add is mostly per-layer call overhead. At "
