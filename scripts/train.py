@@ -44,9 +44,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _WithoutTorchvisionAdvice(logging.Filter):
+    """Drops transformers' import-time advice to install torchvision for its image processors:
+    diffusers imports them (for IP-Adapter) but training never uses them, so the advice is noise
+    at the top of every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("transformers.utils.import_utils").addFilter(_WithoutTorchvisionAdvice())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from modules.config.loading import config_to_json, load_config

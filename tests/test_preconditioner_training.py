@@ -68,6 +68,7 @@ def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
     config_path.write_text(json.dumps(raw), encoding="utf-8")
     result = run_cli("--config-path", str(config_path), "--set", "training.max_steps=3")
     assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr  # transformers' import-time advice, not ours
     summary = next(line for line in result.stdout.splitlines() if "preconditioning on" in line)
     assert summary.startswith("riemannian preconditioning on ")
     for part in ("unet", "text_encoder", "text_encoder_2"):

@@ -85,7 +85,7 @@ class SDXLFamily:
     def enable_gradient_checkpointing(self, model: SDXLBase) -> None:
         model.unet.enable_gradient_checkpointing()
         for encoder in (model.text_encoder, model.text_encoder_2):
-            encoder.gradient_checkpointing_enable()
+            encoder.activation_checkpointing_enable()  # transformers 5 renamed it
 
     def encode_prompts(
         self, model: SDXLBase, captions: list[str], *, with_grad: bool
