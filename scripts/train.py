@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.errors import RunError, UserError
+from modules.util.library_notices import quiet_library_notices
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,19 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _WithoutTorchvisionAdvice(logging.Filter):
-    """Drops transformers' import-time advice to install torchvision for its image processors:
-    diffusers imports them (for IP-Adapter) but training never uses them, so the advice is noise
-    at the top of every run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("transformers.utils.import_utils").addFilter(_WithoutTorchvisionAdvice())
+    quiet_library_notices()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from modules.config.loading import config_to_json, load_config

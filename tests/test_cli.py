@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL
+
 from modules.config.loading import load_config
+from modules.util.library_notices import quiet_library_notices
 from tests.helpers import REPO, cli_env, free_port, run_cli, tiny_config
 
 
@@ -126,3 +131,41 @@ def test_accelerate_launch_two_processes(
     # 4 images in batches of 2 shared by two ranks: one micro-batch per rank and epoch
     assert "(4 images, 1 micro-batches/epoch)" in result.stdout
     assert (workspace / "test-lora.safetensors").is_file()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_library_false_alarms_are_dropped_and_real_warnings_kept() -> None:
+    """What `quiet_library_notices` (installed by the CLI) drops: diffusers' fp32 warning on a
+    real dtype cast when nothing must stay in fp32, and transformers' torchvision advice."""
+    records = _Records()
+    names = ("diffusers.models.modeling_utils", "transformers.utils.import_utils")
+    saved = {name: logging.getLogger(name).filters[:] for name in names}
+    for name in names:
+        logging.getLogger(name).filters.clear()  # as in a process that has not installed them
+        logging.getLogger(name).addHandler(records)
+    try:
+        model = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+        model.to(dtype=torch.bfloat16)
+        assert any("should be kept in float32: []" in m for m in records.messages)
+        records.messages.clear()
+
+        quiet_library_notices()
+        quiet_library_notices()  # a second call adds nothing
+        model.to(dtype=torch.float32)
+        kept = "There are modules in Mixed that should be kept in float32: ['norm']. Casting"
+        logging.getLogger(names[0]).warning(kept)
+        logging.getLogger(names[1]).warning("`CLIPImageProcessor` requires torchvision (...)")
+        logging.getLogger(names[1]).warning("an unrelated transformers warning")
+        assert records.messages == [kept, "an unrelated transformers warning"]
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(records)
+            logging.getLogger(name).filters[:] = saved[name]

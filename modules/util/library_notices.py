@@ -1,0 +1,35 @@
+"""Drop two library log messages that are wrong for Geodesic's runs, and nothing else.
+
+Both appear at the top of every run and send users after problems they do not have:
+- transformers advises installing torchvision for image processors that diffusers imports (for
+  IP-Adapter) but training never uses;
+- diffusers 0.42 warns on every dtype cast of a model that some of its modules "should be kept in
+  float32" even when that list is empty (its `to()` turns None into []). With a non-empty list the
+  warning still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+class _Drop(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not all(fragment in message for fragment in self.fragments)
+
+
+def quiet_library_notices() -> None:
+    """Install the filters on the loggers that emit those messages (idempotent)."""
+    rules = {
+        "transformers.utils.import_utils": ("requires torchvision",),
+        "diffusers.models.modeling_utils": ("should be kept in float32: [].",),
+    }
+    for name, fragments in rules.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.fragments == fragments for f in logger.filters):
+            logger.addFilter(_Drop(*fragments))
