@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import logging
 
+# the logger that emits each message, and a fragment only that message contains
+DROPPED = {
+    "transformers.utils.import_utils": "requires torchvision",
+    "diffusers.models.modeling_utils": "should be kept in float32: [].",
+}
+
 
 class _Drop(logging.Filter):
-    def __init__(self, *fragments: str) -> None:
+    def __init__(self, fragment: str) -> None:
         super().__init__()
-        self.fragments = fragments
+        self.fragment = fragment
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not all(fragment in message for fragment in self.fragments)
+        return self.fragment not in record.getMessage()
 
 
 def quiet_library_notices() -> None:
     """Install the filters on the loggers that emit those messages (idempotent)."""
-    rules = {
-        "transformers.utils.import_utils": ("requires torchvision",),
-        "diffusers.models.modeling_utils": ("should be kept in float32: [].",),
-    }
-    for name, fragments in rules.items():
+    for name, fragment in DROPPED.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _Drop) and f.fragments == fragments for f in logger.filters):
-            logger.addFilter(_Drop(*fragments))
+        if not any(isinstance(f, _Drop) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_Drop(fragment))
