@@ -158,7 +158,8 @@ def test_library_false_alarms_are_dropped_and_real_warnings_kept() -> None:
         records.messages.clear()
 
         quiet_library_notices()
-        quiet_library_notices()  # a second call adds nothing
+        quiet_library_notices()
+        assert all(len(logging.getLogger(name).filters) == 1 for name in names)  # no duplicates
         model.to(dtype=torch.float32)
         kept = "There are modules in Mixed that should be kept in float32: ['norm']. Casting"
         logging.getLogger(names[0]).warning(kept)
