@@ -8,6 +8,8 @@ Times, side by side in one run, the median of `--repeats` passes after a warm-up
 gradients restored (untimed) before every pass:
 
 - ours, Riemannian: `LoRAPreconditioner.precondition()`, method "riemannian", default damping;
+- on a GPU also ours, Riemannian without the CUDA graph it is replayed as there (the kernels
+  launched one by one from Python), and ours queued behind other GPU work, as in a training step;
 - ours, AdaPreLoRA: the same with method "adaprelora". Its row/column statistics come from
   sketches taken in each adapted layer's backward pass; here the layers and their LoRA modules
   are stand-ins on the meta device (never run) and the sketch buffers are filled with random
@@ -30,7 +32,8 @@ each method and probe once; ours/PEFT and ours/floor are medians of the per-roun
 
 The overhead on a whole training step is measured by `scripts/benchmark_preconditioner_step.py`.
 
-Writes the table into docs/benchmarks.md (section `preconditioner_speed`) unless `--no-write`.
+Writes the table into docs/benchmarks.md (section `preconditioner_speed`, or
+`preconditioner_speed_gpu` with `--device cuda`) unless `--no-write`.
 
     python scripts/benchmark_preconditioner.py [--ranks 16 64] [--repeats 15] [--threads 2]
         [--device cuda --dtype bfloat16] [--no-write]
@@ -39,6 +42,7 @@ Writes the table into docs/benchmarks.md (section `preconditioner_speed`) unless
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -67,6 +71,9 @@ from modules.util.markdown_section import report_benchmark  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_REG = 1e-2  # PEFT's default damping
 CROSS_ATTENTION_DIM = 2048  # SDXL's concatenated text-encoder width
+EAGER = "ours, Riemannian, no CUDA graph"
+BUSY, BEHIND = "GPU busy", "ours, Riemannian, behind GPU work"
+BUSY_COPIES = 10  # of the 256 MiB copy probe: about 2 ms of other work on an H100
 
 # (inner dim, Transformer2DModels, transformer blocks in each) of the SDXL base UNet's attention
 # blocks: down_blocks.1, down_blocks.2, mid_block, up_blocks.0, up_blocks.1 (down_blocks.0 and
@@ -99,11 +106,20 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def clock(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Seconds of `fn()` to the end of its device work, with the garbage collector off (as
+    `timeit` does): a collection that PEFT's per-layer temporaries trigger would otherwise land
+    in whichever pass happens to run next."""
     sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # -- the pass -------------------------------------------------------------------------------
@@ -114,6 +130,7 @@ class FactorSet:
     pairs: list[LoRAPair]
     riemannian: LoRAPreconditioner
     adaprelora: LoRAPreconditioner
+    riemannian_eager: LoRAPreconditioner | None  # on a GPU: the same without the CUDA graph
     elements: int  # A and B entries together
     flops: float  # 4 r^2 (m + n) summed over the layers
 
@@ -141,10 +158,13 @@ def build_factor_set(rank: int, *, dtype: torch.dtype, device: torch.device) -> 
     # pass an untimed refresh() moves them into the stacks of the method about to run
     riemannian = LoRAPreconditioner(pairs, PreconditionerSettings(method="riemannian"))
     adaprelora = LoRAPreconditioner(pairs, PreconditionerSettings(method="adaprelora"))
+    eager = None
+    if device.type == "cuda":
+        eager = LoRAPreconditioner(pairs, PreconditionerSettings(cuda_graph=False))
     for rows, cols in adaprelora.statistics.sketches:
         rows.copy_(torch.randn(rows.shape, generator=generator, device=device))
         cols.copy_(torch.randn(cols.shape, generator=generator, device=device))
-    return FactorSet(pairs, riemannian, adaprelora, elements, flops)
+    return FactorSet(pairs, riemannian, adaprelora, eager, elements, flops)
 
 
 @dataclass
@@ -231,6 +251,21 @@ def time_pass(
         "AdamW (foreach)": (settle(factors.riemannian), adamw.step),
         **{name: (sync, op) for name, op in probes.ops.items()},
     }
+    if factors.riemannian_eager is not None:
+        eager = factors.riemannian_eager
+        methods[EAGER] = (settle(eager), eager.precondition)
+        copy = probes.ops["copy"]
+
+        def busy() -> None:  # queued GPU work, as a step's backward is when the hook runs
+            for _ in range(BUSY_COPIES):
+                copy()
+
+        def behind_busy() -> None:
+            busy()
+            factors.riemannian.precondition()
+
+        methods[BUSY] = (sync, busy)
+        methods[BEHIND] = (settle(factors.riemannian), behind_busy)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for prepare, run in methods.values():  # warm-up, also initialises AdamW's state
         prepare()
@@ -275,7 +310,11 @@ def pass_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                 for one, one_floor in zip(rounds, round_floors, strict=True)
             ]
         )
+        added = None
+        if BEHIND in times:  # what the pass adds to a GPU that is busy when it is called
+            added = statistics.median([one[BEHIND] - one[BUSY] for one in rounds])
         row = {
+            "added": added,
             "rank": rank,
             "params": factors.elements,
             **median,
@@ -303,7 +342,9 @@ def pass_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             f"{bandwidth / 1e9:.1f} GB/s, matmul {matmul_floor * 1e3:.1f} ms at "
             + "/".join(f"{value / 1e9:.0f}" for value in throughput.values())
             + f" GFLOP/s Gram/product); ours/PEFT {paired_peft:.2f}, ours/floor "
-            f"{paired_floor:.2f} (medians of per-round ratios)",
+            f"{paired_floor:.2f} (medians of per-round ratios); ours, each round: "
+            + ", ".join(f"{seconds * 1e3:.2f}" for seconds in times["ours, Riemannian"])
+            + " ms",
             flush=True,
         )
         del factors, probes
@@ -371,6 +412,25 @@ def pass_table(rows: list[dict], *, device: torch.device, dtype: torch.dtype, re
         )
         + ".",
     ]
+    if EAGER in rows[0]:
+        lines += [
+            "",
+            "On a GPU our Riemannian pass is recorded as a CUDA graph at its first step and "
+            "replayed after that (`modules/lora/preconditioning/graphed_pass.py`); the same pass "
+            "launched kernel by kernel from Python, as on the CPU: "
+            + "; ".join(
+                f"rank {row['rank']}: {ms(row[EAGER])} ms, {row[EAGER] / row['ours, Riemannian']:.1f}x "
+                "the graphed pass"
+                for row in rows
+            )
+            + ". The table times each pass from an idle GPU to the end of its work, so the "
+            "host's share (checking 1444 parameters' pointers, launching the graph) and the "
+            "GPU's add up. In training the hook is called while the GPU still runs the backward "
+            f"pass; queued behind {BUSY_COPIES} copies of 256 MiB (about "
+            f"{ms(rows[0][BUSY])} ms of GPU work) the pass added "
+            + "; ".join(f"rank {row['rank']}: {row['added'] * 1e3:.2f} ms" for row in rows)
+            + " (medians of the per-round differences to the copies alone).",
+        ]
     checks = target_checks(rows, device, dtype)
     if checks:
         lines += [
@@ -392,15 +452,18 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
+    on_gpu = device.type == "cuda"
     sections = [
-        "## LoRA gradient preconditioner speed (`scripts/benchmark_preconditioner.py`)",
+        f"## LoRA gradient preconditioner speed{' on a GPU' if on_gpu else ''} "
+        "(`scripts/benchmark_preconditioner.py`)",
         "",
         benchmark_header("scripts/benchmark_preconditioner.py", device),  # load before the run
     ]
     rows = pass_rows(args, device, dtype)
     sections += ["", pass_table(rows, device=device, dtype=dtype, repeats=args.repeats)]
     text = "\n".join(sections)
-    report_benchmark(text, section="preconditioner_speed", write=not args.no_write)
+    section = "preconditioner_speed_gpu" if on_gpu else "preconditioner_speed"
+    report_benchmark(text, section=section, write=not args.no_write)
     return 0
 
 

@@ -189,6 +189,7 @@ def test_a_dataset_without_usable_images_exits_2_before_loading_the_model(
     )
 
 
+@pytest.mark.usefixtures("deterministic_kernels")
 def test_resume_is_exact_with_buckets_and_augmentations(
     tiny_sdxl_path: Path, mixed_folder: Path, tmp_path: Path
 ) -> None:

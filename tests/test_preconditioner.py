@@ -109,6 +109,14 @@ def test_packed_factors_stay_packed_and_survive_what_trainers_do_to_parameters()
     optimizer.step()  # the optimizer still updates its own (original) Parameter objects
     assert all(group.refresh() == 0 for group in preconditioner.groups)
     assert model.adapters[0].lora_down.weight._lora_pair is model.adapters[0].lora_up.weight
+    # a gradient replaced by another tensor (not None) is found and copied into its slot too
+    up = model.adapters[1].lora_up.weight
+    up.grad = torch.full_like(up, 7.0)
+    assert sum(group.refresh() for group in preconditioner.groups) == 1
+    assert up.grad.eq(7.0).all() and any(
+        group.grad_b.eq(7.0).any() for group in preconditioner.groups
+    )
+    assert all(group.refresh() == 0 for group in preconditioner.groups)
 
 
 def test_huge_damping_with_adam_reproduces_plain_adamw() -> None:
@@ -132,7 +140,8 @@ def test_huge_damping_with_adam_reproduces_plain_adamw() -> None:
 
 def _accelerated(model: nn.Module, optimizer, accumulation: int) -> GradientPipeline:
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="no")
+    # on the CPU also where a GPU is present: the model, its inputs and the stacks live there
+    accelerator = Accelerator(mixed_precision="no", cpu=True)
     prepared, prepared_optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(prepared_optimizer, lambda step: 1.0)
     return GradientPipeline(

@@ -84,6 +84,7 @@ def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
     assert rel_err(unet_out(pipe), unet_out(load_pipe(tiny_sdxl_path))) > 1e-4  # it took effect
 
 
+@pytest.mark.usefixtures("deterministic_kernels")
 def test_resume_is_exact_with_adaprelora_statistics(
     tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:

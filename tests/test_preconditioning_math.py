@@ -260,7 +260,14 @@ def chunks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", request.param * adaprelora.CHUNK_DIVISOR)
 
 
-@pytest.mark.usefixtures("chunks")
+@pytest.fixture(params=[None, 4], ids=["whole-grams", "pieced-grams"])
+def gram_pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Grams in one product per layer (the CPU's way), and as sums of partial Grams over
+    pieces of the inner dimension (a GPU's way; pieces of 4, or 2 where 4 does not divide)."""
+    monkeypatch.setattr(linalg, "gram_piece", lambda device: request.param)
+
+
+@pytest.mark.usefixtures("chunks", "gram_pieces")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_riemannian_in_place_pass_equals_the_reference(dtype: torch.dtype) -> None:
     groups, _ = _groups(dtype)

@@ -46,6 +46,7 @@ def _final_weights(workspace: Path) -> dict[str, torch.Tensor]:
     return load_file(workspace / "test-lora.safetensors")
 
 
+@pytest.mark.usefixtures("deterministic_kernels")
 def test_resume_is_exact(tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path) -> None:
     """Stopped at step 3 and resumed ends with the same weights as an uninterrupted run."""
     sections = {

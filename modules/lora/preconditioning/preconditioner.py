@@ -18,6 +18,7 @@ from torch import nn
 
 from modules.lora.layers import LoRAModule
 from modules.lora.preconditioning.adaprelora import AdafactorWeights, adaprelora_precondition_
+from modules.lora.preconditioning.graphed_pass import GraphedPass
 from modules.lora.preconditioning.linalg import Damping, riemannian_precondition_
 from modules.lora.preconditioning.packing import FactorGroup, Pair, pack_pairs
 from modules.lora.preconditioning.sketch import ProbeSource
@@ -38,6 +39,7 @@ class PreconditionerSettings:
     sketch_size: int = 8  # AdaPreLoRA: probes per layer and step
     statistics_every: int = 1  # AdaPreLoRA: refresh the row/column moments every n-th step
     seed: int = 0
+    cuda_graph: bool = True  # Riemannian on a GPU: replay the pass as a CUDA graph
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class LoRAPreconditioner:
         self.loss_scale = loss_scale
         raw: list[Pair] = [(pair.a, pair.b) for pair in pairs]
         self.groups: list[FactorGroup] = pack_pairs(raw, [pair.scale for pair in pairs])
+        self._riemannian_pass = GraphedPass(
+            lambda: riemannian_precondition_(self.groups, settings.damping),
+            device=self.groups[0].a.device,
+            enabled=settings.cuda_graph,
+        )
         self.applied_steps = 0
         self.statistics_updates = 0  # AdaPreLoRA: moment updates so far (bias correction)
         # AdaPreLoRA: the weights of the moments as they are after `statistics_updates` updates
@@ -132,6 +139,11 @@ class LoRAPreconditioner:
         if self.statistics is not None:
             self.statistics.remove()
 
+    @property
+    def graphed(self) -> bool:
+        """Whether the pass now replays as a CUDA graph (Riemannian on a GPU, after one step)."""
+        return self._riemannian_pass.graphed
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.precondition()
 
@@ -143,13 +155,15 @@ class LoRAPreconditioner:
         for group in self.groups:
             group.refresh()
         if settings.method == "riemannian":
-            riemannian_precondition_(self.groups, settings.damping)  # in place
+            self._riemannian_pass()  # in place; on a GPU a replayed CUDA graph after the first
             return
         if self.statistics.active:
             self._update_moments()
-        adaprelora_precondition_(self.groups, self._weights(), settings.damping)  # in place
+        adaprelora_precondition_(
+            self.groups, self.adafactor_weights(), settings.damping
+        )  # in place
 
-    def _weights(self) -> list[AdafactorWeights]:
+    def adafactor_weights(self) -> list[AdafactorWeights]:
         """Each group's Adafactor weights from its bias-corrected moments; unit weights while
         there are none yet (the first applied step fell between two statistics steps). They
         change only with the moments, so steps between two statistics steps reuse them."""
