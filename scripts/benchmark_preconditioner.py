@@ -9,7 +9,7 @@ gradients restored (untimed) before every pass:
 
 - ours, Riemannian: `LoRAPreconditioner.precondition()`, method "riemannian", default damping;
 - on a GPU also ours, Riemannian without the CUDA graph it is replayed as there (the kernels
-  launched one by one from Python), and ours queued behind other GPU work, as in a training step;
+  launched one by one from Python), and ours queued behind other GPU work;
 - ours, AdaPreLoRA: the same with method "adaprelora". Its row/column statistics come from
   sketches taken in each adapted layer's backward pass; here the layers and their LoRA modules
   are stand-ins on the meta device (never run) and the sketch buffers are filled with random
@@ -256,7 +256,7 @@ def time_pass(
         methods[EAGER] = (settle(eager), eager.precondition)
         copy = probes.ops["copy"]
 
-        def busy() -> None:  # queued GPU work, as a step's backward is when the hook runs
+        def busy() -> None:  # queued GPU work: a hook called before the GPU has caught up
             for _ in range(BUSY_COPIES):
                 copy()
 
@@ -423,11 +423,12 @@ def pass_table(rows: list[dict], *, device: torch.device, dtype: torch.dtype, re
                 "the graphed pass"
                 for row in rows
             )
-            + ". The table times each pass from an idle GPU to the end of its work, so the "
-            "host's share (checking 1444 parameters' pointers, launching the graph) and the "
-            "GPU's add up. In training the hook is called while the GPU still runs the backward "
-            f"pass; queued behind {BUSY_COPIES} copies of 256 MiB (about "
-            f"{ms(rows[0][BUSY])} ms of GPU work) the pass added "
+            + ". The table times each pass from an idle GPU to the end of its work, as the "
+            "hook runs in our trainer (whose step reads the loss and the gradient norm, one host "
+            "sync, before the optimizer step), so the host's share (checking 1444 parameters' "
+            "pointers, launching the graph) and the GPU's add up. Called while the GPU is still "
+            f"busy, queued behind {BUSY_COPIES} copies of 256 MiB (about "
+            f"{ms(rows[0][BUSY])} ms of GPU work), the host's share hides and the pass added "
             + "; ".join(f"rank {row['rank']}: {row['added'] * 1e3:.2f} ms" for row in rows)
             + " (medians of the per-round differences to the copies alone).",
         ]

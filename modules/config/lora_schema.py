@@ -62,7 +62,7 @@ class LoRAConfig(Section):
         "optimizer follows the geometry of W = B A: faster, steadier progress, fewer "
         "learning-rate surprises. Usual AdamW LoRA rates (1e-4 to 4e-4) work; SGD then behaves "
         "well at 1e-2 to 1e-1. Adds about 2% to a step of the tiny test model on a CPU and "
-        "about 1 ms to an SDXL step at rank 16 on an H100; its cost grows with the LoRA's "
+        "about 2 ms to an SDXL step at rank 16 on an H100; its cost grows with the LoRA's "
         "size, not the images', so its share of a real SDXL step is small.",
         tab="lora",
         label="Riemannian Preconditioning",

@@ -159,9 +159,8 @@ class LoRAPreconditioner:
             return
         if self.statistics.active:
             self._update_moments()
-        adaprelora_precondition_(
-            self.groups, self.adafactor_weights(), settings.damping
-        )  # in place
+        # in place, like the Riemannian pass
+        adaprelora_precondition_(self.groups, self.adafactor_weights(), settings.damping)
 
     def adafactor_weights(self) -> list[AdafactorWeights]:
         """Each group's Adafactor weights from its bias-corrected moments; unit weights while
