@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from modules.lora.preconditioning.preconditioner import LoRAPreconditioner, Prec
 from modules.training.trainer import TrainingRun
 from tests.helpers import tiny_config
 from tests.test_preconditioner import TwoLayers, _inputs, _pairs
+from tests.test_preconditioning_math import _Stacks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -98,15 +99,6 @@ def test_the_pass_on_cuda_never_syncs_and_matches_float64(method: str, dtype: to
         preconditioner.zero_()
         for param in model.lora_parameters():
             param.grad.zero_()
-
-
-@dataclass
-class _Stacks:
-    a: torch.Tensor
-    b: torch.Tensor
-    grad_a: torch.Tensor
-    grad_b: torch.Tensor
-    scale: torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
