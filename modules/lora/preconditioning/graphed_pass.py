@@ -12,8 +12,11 @@ The first call runs the pass for real, on the stream the graph is then captured 
 cuSOLVER have set up their handles and workspaces for it), and records the graph without running
 it again; every later call replays it. The pass must read nothing from the host that changes
 between calls (the damping is a constant, the scales live on the GPU) and must never sync, which
-`tests/test_preconditioner_cuda.py` checks. If capture fails (a driver or library that cannot
-record one of the kernels), the pass runs eagerly from then on and says so once.
+`tests/test_preconditioner_cuda.py` checks. Recording synchronizes with the GPU and empties the
+allocator's cache once (`torch.cuda.graph` does both); the graph then keeps the pass's float32
+working buffers in a memory pool of its own (75 MiB for SDXL at rank 16). If capture fails (a
+driver or library that cannot record one of the kernels), the pass runs eagerly from then on and
+says so once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 class GraphedPass:
     """`run()` eagerly on the CPU (or when not `enabled`); on a CUDA device, once eagerly and
-    then as a replayed graph. Recording synchronizes with the GPU once; replays never do."""
+    then as a replayed graph."""
 
     def __init__(self, run: Callable[[], None], *, device: torch.device, enabled: bool) -> None:
         self._run = run
