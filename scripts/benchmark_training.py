@@ -91,7 +91,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    header_line = benchmark_header("scripts/benchmark_training.py")  # load before the run
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where TrainingRun will train
+    header_line = benchmark_header("scripts/benchmark_training.py", device)  # load before the run
     modes = ["no", "bf16", "fp16"] if torch.cuda.is_available() else ["no", "bf16"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
