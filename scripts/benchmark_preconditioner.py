@@ -20,12 +20,12 @@ gradients restored (untimed) before every pass:
 - AdamW: one `torch.optim.AdamW(foreach=True)` step over the same parameters (state initialised
   by a warm-up step), for scale.
 
-The floor is the larger of two lower bounds: the memory traffic the pass cannot avoid (read A, B,
-g_A, g_B, write g_A, g_B) at the bandwidth of a 256 MiB tensor copy, and the matmul work
-(`4 r^2 (m + n)` flops per layer: two Grams and two products) at the faster of two fp32 bmm
-throughputs at the pass's shapes (Gram-like and product-like, rank r, 60 layers of width 1280:
-5 MiB at rank 16, so mostly an in-cache rate, which the real stacks streamed from memory do not
-quite reach).
+The floor (`scripts/speed_floor.py`) is the larger of two lower bounds: the memory traffic the
+pass cannot avoid (read A, B, g_A, g_B, write g_A, g_B) at the bandwidth of a 256 MiB tensor
+copy, and the matmul work (`4 r^2 (m + n)` flops per layer: two Grams and two products) at the
+faster of two fp32 bmm throughputs at the pass's shapes (Gram-like and product-like, rank r, 60
+layers of width 1280: 5 MiB at rank 16, so mostly an in-cache rate, which the real stacks
+streamed from memory do not quite reach).
 The copy and the bmms are timed in the same interleaved loop as the passes, so every round times
 each method and probe once; ours/PEFT and ours/floor are medians of the per-round ratios
 (paired: a stretch of load from other jobs slows a whole round, not one side of a ratio).
@@ -42,21 +42,21 @@ Writes the table into docs/benchmarks.md (section `preconditioner_speed`, or
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from peft.optimizers.riemannian import _RiemannianPreconditioner  # noqa: E402
+from speed_floor import FloorProbes, clock, floor_estimate, floor_probes, synchronizer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from modules.lora.layers import LoRALinear  # noqa: E402
@@ -94,32 +94,6 @@ def sdxl_linear_shapes() -> list[tuple[int, int]]:
             shapes.append((d, d))  # proj_out
     assert len(shapes) == 722, len(shapes)
     return shapes
-
-
-# -- the machine ------------------------------------------------------------------------------------
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def clock(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    """Seconds of `fn()` to the end of its device work, with the garbage collector off (as
-    `timeit` does): a collection that PEFT's per-layer temporaries trigger would otherwise land
-    in whichever pass happens to run next."""
-    sync()
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-    finally:
-        if collecting:
-            gc.enable()
 
 
 # -- the pass -------------------------------------------------------------------------------
@@ -165,58 +139,6 @@ def build_factor_set(rank: int, *, dtype: torch.dtype, device: torch.device) -> 
         rows.copy_(torch.randn(rows.shape, generator=generator, device=device))
         cols.copy_(torch.randn(cols.shape, generator=generator, device=device))
     return FactorSet(pairs, riemannian, adaprelora, eager, elements, flops)
-
-
-@dataclass
-class FloorProbes:
-    """Operations timed alongside the passes, interleaved with them, for the floor's inputs."""
-
-    copy_bytes: int  # read plus written by one `copy`
-    bmm_flops: int  # of one timed call of the Gram-shaped or product-shaped bmms
-    ops: dict[str, Callable[[], object]]
-
-
-def floor_probes(rank: int, device: torch.device) -> FloorProbes:
-    """A 256 MiB copy, and fp32 bmms shaped like the pass's Grams and products (rank r, 60
-    layers of width 1280, the size of one of the larger groups), each repeated back to back to
-    about 1 GFLOP per timed call so that waking the thread pool is not part of the rate."""
-    source = torch.randn(64 * 2**20, device=device)
-    target = torch.empty_like(source)
-    k, width = 60, 1280
-    a = torch.randn(k, rank, width, device=device)
-    inverse = torch.randn(k, rank, rank, device=device)
-    gram, product = torch.empty(k, rank, rank, device=device), torch.empty_like(a)
-    flops = 2 * k * rank * rank * width
-    repeats = max(1, round(1e9 / flops))
-
-    def grams() -> None:
-        for _ in range(repeats):
-            torch.bmm(a, a.mT, out=gram)
-
-    def products() -> None:
-        for _ in range(repeats):
-            torch.bmm(inverse, a, out=product)
-
-    return FloorProbes(
-        copy_bytes=2 * source.numel() * source.element_size(),
-        bmm_flops=repeats * flops,
-        ops={
-            "copy": lambda: target.copy_(source),
-            "bmm, Gram-shaped": grams,
-            "bmm, product-shaped": products,
-        },
-    )
-
-
-def floor_estimate(
-    seconds: dict[str, float], probes: FloorProbes, *, traffic: int, flops: float
-) -> tuple[float, dict[str, float], float, float]:
-    """(copy bandwidth, bmm throughputs, memory floor, matmul floor) from the probes' times."""
-    bandwidth = probes.copy_bytes / seconds["copy"]
-    throughput = {
-        kind: probes.bmm_flops / seconds[f"bmm, {kind}-shaped"] for kind in ("Gram", "product")
-    }
-    return bandwidth, throughput, traffic / bandwidth, flops / max(throughput.values())
 
 
 def time_pass(
