@@ -85,7 +85,8 @@ class FactorGroup:
 
         Compares data pointers only (no views made, no device sync). First in one sweep over
         the whole group: the weights' pointers, and each `.grad` by identity (autograd
-        accumulates into it in place; a new or None gradient is another object). That is
+        accumulates into it in place; a new or None gradient is another object; a storage
+        swapped under the same object, `param.grad.data = t`, would go unseen). That is
         about a third of a microsecond a parameter; the layer-by-layer check below runs only
         when something moved. At SDXL size the checks are the host's share of a GPU step.
         """
