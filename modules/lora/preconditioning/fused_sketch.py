@@ -71,15 +71,16 @@ class WidenedFactors:
         downs = [adapter.lora_down.weight for adapter in self.adapters]
         ups = [adapter.lora_up.weight for adapter in self.adapters]
         k, (r, n), m, p = len(downs), downs[0].shape, ups[0].shape[0], self.probes.size
-        if self.down.shape != (k, r + p, n) or self.down.dtype != dtype:
+        if (self.down.shape, self.down.dtype, self.down.device) != ((k, r + p, n), dtype, device):
             self.down = torch.empty(k, r + p, n, dtype=dtype, device=device)
             self.up = torch.empty(k, m, r + p, dtype=dtype, device=device)
+            # views stay valid while the buffers do: filled in place at every build
+            self._layers = list(zip(self.down.unbind(), self.up.unbind(), strict=True))
         scale = self._scale_tensor(dtype, device)
         torch.mul(torch.stack(downs), scale, out=self.down[:, :r])
         self.down[:, r:].copy_(self.probes.probes(n, device=device, role="right").mT)
         torch.mul(torch.stack(ups), scale, out=self.up[:, :, :r])
         self.up[:, :, r:].copy_(self.probes.probes(m, device=device, role="left"))
-        self._layers = list(zip(self.down.unbind(), self.up.unbind(), strict=True))
         self._stamps = [_stamp(a, b) for a, b in zip(downs, ups, strict=True)]
         self._key = (self.probes.cycle, dtype, device)
 
