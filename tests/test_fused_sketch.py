@@ -134,6 +134,12 @@ def test_autocast_computes_in_its_dtype_and_returns_the_input_dtype() -> None:
         out, expected = adapter.delta_sketch.delta(adapter, x), reference.delta(x)
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+    # validation without autocast, then autocast again: the widened factors are rebuilt in
+    # each dtype, so float32 is exact again
+    torch.testing.assert_close(adapter.delta_sketch.delta(adapter, x), reference.delta(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter.delta_sketch.delta(adapter, x)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
 
 
 def test_statistics_fuse_linear_layers_tap_conv_layers_and_uninstall_both() -> None:
