@@ -1,5 +1,5 @@
 """The preconditioner on a CUDA GPU: half-precision factors, no host sync, float64 results, and
-the Riemannian pass replayed as a CUDA graph.
+both passes replayed as CUDA graphs.
 
 CI has no GPU, so these skip there; on a machine with one they run with the rest of the suite.
 `torch.cuda.set_sync_debug_mode("error")` turns any operation that makes the host wait for the
@@ -135,15 +135,21 @@ def test_sdxl_widths_take_pieced_grams_and_match_float64(dtype: torch.dtype) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_replayed_cuda_graph_computes_what_the_eager_pass_does(dtype: torch.dtype) -> None:
-    """The Riemannian pass recorded at the first step and replayed after it gives the eager
-    pass's directions bit for bit, also after gradients set to None moved every layer out of
-    its slot (refresh copies them back in, the graph's stacks stay put), and replays never sync."""
+@pytest.mark.parametrize("method", ["riemannian", "adaprelora"])
+def test_the_replayed_cuda_graph_computes_what_the_eager_pass_does(
+    method: str, dtype: torch.dtype
+) -> None:
+    """The pass recorded at the first step and replayed after it gives the eager pass's
+    directions bit for bit, also after gradients set to None moved every layer out of its slot
+    (refresh copies them back in, the graph's stacks stay put) and, for AdaPreLoRA, with new
+    Adafactor weights at every step (copied into the buffers the graph reads), and replays never
+    sync."""
     graphed_model = TwoLayers(rank=3, alpha=6.0).to(CUDA, dtype)
     eager_model = TwoLayers(rank=3, alpha=6.0).to(CUDA, dtype)  # the same seed: the same model
-    settings = PreconditionerSettings(damping=Damping(relative=1e-2))
+    settings = PreconditionerSettings(method=method, damping=Damping(relative=1e-2), sketch_size=4)
     graphed = LoRAPreconditioner(_pairs(graphed_model), settings)
     eager = LoRAPreconditioner(_pairs(eager_model), replace(settings, cuda_graph=False))
+    previous_left: torch.Tensor | None = None  # AdaPreLoRA: the last step's weights
     for step in range(4):
         for model, preconditioner in ((graphed_model, graphed), (eager_model, eager)):
             if step == 2:  # what zero_grad(set_to_none=True) does
@@ -157,6 +163,11 @@ def test_the_replayed_cuda_graph_computes_what_the_eager_pass_does(dtype: torch.
             else:
                 preconditioner.precondition()
         assert graphed.graphed and not eager.graphed
+        if method == "adaprelora":
+            for mine, reference in zip(graphed.weights, eager.weights, strict=True):
+                assert torch.equal(mine.left, reference.left)
+            assert previous_left is None or not torch.equal(graphed.weights[0].left, previous_left)
+            previous_left = graphed.weights[0].left.clone()
         for mine, reference in zip(graphed.groups, eager.groups, strict=True):
             assert torch.equal(mine.grad_a, reference.grad_a)
             assert torch.equal(mine.grad_b, reference.grad_b)
@@ -166,6 +177,8 @@ def test_the_replayed_cuda_graph_computes_what_the_eager_pass_does(dtype: torch.
                 for param in model.lora_parameters():
                     param.sub_(0.1 * param.grad)
                     param.grad.zero_()
+        for preconditioner in (graphed, eager):
+            preconditioner.zero_()  # a new cycle: fresh probes, empty sketches
 
 
 @pytest.mark.parametrize(
@@ -199,8 +212,8 @@ def test_training_on_cuda_in_half_precision_runs_the_hook_without_host_syncs(
     precondition: Callable[[], None] = preconditioner.precondition
 
     def precondition_without_syncs() -> None:
-        if method == "riemannian" and preconditioner.applied_steps == 0:
-            precondition()  # records the CUDA graph, which synchronizes once
+        if preconditioner.applied_steps == 0:
+            precondition()  # records the CUDA graph and checks it, which synchronizes once
             return
         with host_syncs_are_errors():
             precondition()
@@ -218,7 +231,7 @@ def test_training_on_cuda_in_half_precision_runs_the_hook_without_host_syncs(
     run.pipeline.step = recording_step
     run.run()
     assert preconditioner.applied_steps >= 4  # fp16 may skip its first steps
-    assert preconditioner.graphed == (method == "riemannian")
+    assert preconditioner.graphed
     assert losses and all(math.isfinite(loss) for loss in losses)
     end = list(run.network.parameters())
     assert all(torch.isfinite(p).all() for p in end)

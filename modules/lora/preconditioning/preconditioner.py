@@ -39,7 +39,7 @@ class PreconditionerSettings:
     sketch_size: int = 8  # AdaPreLoRA: probes per layer and step
     statistics_every: int = 1  # AdaPreLoRA: refresh the row/column moments every n-th step
     seed: int = 0
-    cuda_graph: bool = True  # Riemannian on a GPU: replay the pass as a CUDA graph
+    cuda_graph: bool = True  # on a GPU: replay the pass as a CUDA graph
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,21 @@ class LoRAPreconditioner:
         self.loss_scale = loss_scale
         raw: list[Pair] = [(pair.a, pair.b) for pair in pairs]
         self.groups: list[FactorGroup] = pack_pairs(raw, [pair.scale for pair in pairs])
-        self._riemannian_pass = GraphedPass(
-            lambda: riemannian_precondition_(self.groups, settings.damping),
+        self._pass = GraphedPass(
+            self._run_pass,
             device=self.groups[0].a.device,
             enabled=settings.cuda_graph,
+            outputs=lambda: [t for g in self.groups for t in (g.grad_a, g.grad_b)],
         )
         self.applied_steps = 0
         self.statistics_updates = 0  # AdaPreLoRA: moment updates so far (bias correction)
-        # AdaPreLoRA: the weights of the moments as they are after `statistics_updates` updates
-        self._weights_cache: tuple[int, list[AdafactorWeights]] | None = None
         self._handles: list[Any] = []
         self.moments: list[AdafactorMoments] = []
+        # AdaPreLoRA: each group's Adafactor weights, in buffers that the pass (and so its CUDA
+        # graph) reads and that are only ever overwritten in place, after `_weights_updates`
+        # moment updates (-1: to be filled)
+        self.weights: list[AdafactorWeights] = []
+        self._weights_updates = -1
         self.statistics: GradientStatistics | None = None
         if settings.method == "adaprelora":
             self._install_statistics(pairs)
@@ -102,6 +106,11 @@ class LoRAPreconditioner:
             self.moments.append(
                 AdafactorMoments(
                     rows=torch.zeros(k, m, **options), cols=torch.zeros(k, n, **options)
+                )
+            )
+            self.weights.append(
+                AdafactorWeights(
+                    left=torch.ones(k, m, **options), right=torch.ones(k, n, **options)
                 )
             )
         self.statistics = SketchStatistics(
@@ -141,8 +150,8 @@ class LoRAPreconditioner:
 
     @property
     def graphed(self) -> bool:
-        """Whether the pass now replays as a CUDA graph (Riemannian on a GPU, after one step)."""
-        return self._riemannian_pass.graphed
+        """Whether the pass now replays as a CUDA graph (on a GPU, after one step)."""
+        return self._pass.graphed
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.precondition()
@@ -154,21 +163,31 @@ class LoRAPreconditioner:
         self.applied_steps += 1
         for group in self.groups:
             group.refresh()
-        if settings.method == "riemannian":
-            self._riemannian_pass()  # in place; on a GPU a replayed CUDA graph after the first
-            return
-        if self.statistics.active:
-            self._update_moments()
-        # in place, like the Riemannian pass
-        adaprelora_precondition_(self.groups, self.adafactor_weights(), settings.damping)
+        if settings.method == "adaprelora":
+            # eagerly, outside the pass: the bias correction is a host number
+            if self.statistics.active:
+                self._update_moments()
+            self.adafactor_weights()
+        self._pass()  # in place; on a GPU a replayed CUDA graph after the first step
+
+    def _run_pass(self) -> None:
+        """The pass itself: reads only tensors that stay put, so a CUDA graph can replay it."""
+        if self.settings.method == "riemannian":
+            riemannian_precondition_(self.groups, self.settings.damping)
+        else:
+            adaprelora_precondition_(self.groups, self.weights, self.settings.damping)
 
     def adafactor_weights(self) -> list[AdafactorWeights]:
         """Each group's Adafactor weights from its bias-corrected moments; unit weights while
         there are none yet (the first applied step fell between two statistics steps). They
-        change only with the moments, so steps between two statistics steps reuse them."""
-        if self._weights_cache is None or self._weights_cache[0] != self.statistics_updates:
-            self._weights_cache = (self.statistics_updates, self._weights_from_moments())
-        return self._weights_cache[1]
+        change only with the moments, so steps between two statistics steps reuse them; a
+        change is copied into `self.weights`, never rebinds it."""
+        if self._weights_updates != self.statistics_updates:
+            for buffers, fresh in zip(self.weights, self._weights_from_moments(), strict=True):
+                buffers.left.copy_(fresh.left)
+                buffers.right.copy_(fresh.right)
+            self._weights_updates = self.statistics_updates
+        return self.weights
 
     def _weights_from_moments(self) -> list[AdafactorWeights]:
         if self.statistics_updates == 0:
@@ -222,4 +241,4 @@ class LoRAPreconditioner:
         for moments, rows, cols in zip(self.moments, state["rows"], state["cols"], strict=True):
             moments.rows.copy_(rows)
             moments.cols.copy_(cols)
-        self._weights_cache = None
+        self._weights_updates = -1
