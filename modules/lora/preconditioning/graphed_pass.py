@@ -14,12 +14,13 @@ cuSOLVER have set up their handles and workspaces for it), and records the graph
 it again. Before trusting the graph it replays it once on the same gradients and compares with
 what the eager pass wrote: a graph that computes anything else (beyond rounding) is dropped with a
 warning and the pass runs eagerly from then on, as it does when capture fails (a driver or library
-that cannot record one of the kernels). Every later call replays it. The pass must read nothing
-from the host that changes between calls (the damping is a constant, the scales live on the GPU)
-and must never sync, which `tests/test_preconditioner_cuda.py` checks. Recording and the check
-synchronize with the GPU once (`torch.cuda.graph` also empties the allocator's cache); the graph
-then keeps the pass's float32 working buffers in a memory pool of its own (75 MiB for SDXL at rank
-16).
+that cannot record one of the kernels). The check holds two copies of the gradients for a moment,
+less than the AdamW state that the first optimizer step allocates right after it. Every later call
+replays it. The pass must read nothing from the host that changes between calls (the damping is a
+constant, the scales live on the GPU) and must never sync, which `tests/test_preconditioner_cuda.py`
+checks. Recording and the check synchronize with the GPU once (`torch.cuda.graph` also empties the
+allocator's cache); the graph then keeps the pass's float32 working buffers in a memory pool of its
+own (75 MiB for SDXL at rank 16, about twice that for AdaPreLoRA).
 """
 
 from __future__ import annotations
