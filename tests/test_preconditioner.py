@@ -342,7 +342,8 @@ def test_adaprelora_refreshes_its_statistics_every_n_steps() -> None:
 def test_adaprelora_weights_are_overwritten_in_place_by_updates_and_resume() -> None:
     """The pass, and so a CUDA graph recorded from it, reads each group's Adafactor weights from
     buffers that statistics updates and a resume overwrite and never replace; they always hold
-    the weights of the bias-corrected moments."""
+    the weights of the bias-corrected moments, also when a run resumes a backup taken after as
+    many statistics updates as it has made itself."""
     settings = PreconditionerSettings(
         method="adaprelora", sketch_size=4, beta2=0.9, statistics_every=2
     )
@@ -350,34 +351,37 @@ def test_adaprelora_weights_are_overwritten_in_place_by_updates_and_resume() -> 
     def pointers(preconditioner: LoRAPreconditioner) -> list[tuple[int, int]]:
         return [(w.left.data_ptr(), w.right.data_ptr()) for w in preconditioner.weights]
 
-    model = TwoLayers()
-    optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
-    preconditioner = LoRAPreconditioner(_pairs(model), settings)
-    preconditioner.attach(optimizer)
-    buffers = pointers(preconditioner)
-    for step in range(5):
-        model(*_inputs(seed=step)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-        preconditioner.zero_()
-        assert pointers(preconditioner) == buffers
-        correction = 1 - 0.9 ** (2 * preconditioner.statistics_updates)
-        for weights, moments in zip(preconditioner.weights, preconditioner.moments, strict=True):
-            expected = AdafactorWeights.from_moments(
-                moments.rows / correction, moments.cols / correction
-            )
-            torch.testing.assert_close(weights.left, expected.left)
-            torch.testing.assert_close(weights.right, expected.right)
-    assert preconditioner.statistics_updates == 3
-    assert not torch.allclose(preconditioner.weights[0].left, torch.ones(1))
+    def train(seed: int) -> LoRAPreconditioner:
+        model = TwoLayers(seed=seed)
+        optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
+        preconditioner = LoRAPreconditioner(_pairs(model), settings)
+        preconditioner.attach(optimizer)
+        buffers = pointers(preconditioner)
+        for step in range(5):
+            model(*_inputs(seed=seed * 10 + step)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+            preconditioner.zero_()
+            assert pointers(preconditioner) == buffers
+            correction = 1 - 0.9 ** (2 * preconditioner.statistics_updates)
+            layers = zip(preconditioner.weights, preconditioner.moments, strict=True)
+            for weights, moments in layers:
+                expected = AdafactorWeights.from_moments(
+                    moments.rows / correction, moments.cols / correction
+                )
+                torch.testing.assert_close(weights.left, expected.left)
+                torch.testing.assert_close(weights.right, expected.right)
+        assert preconditioner.statistics_updates == 3
+        return preconditioner
 
-    resumed = LoRAPreconditioner(_pairs(TwoLayers(seed=1)), settings)
+    original, resumed = train(seed=0), train(seed=1)
+    assert not torch.allclose(original.weights[0].left, resumed.weights[0].left)
     buffers = pointers(resumed)
-    resumed.load_state_dict(preconditioner.state_dict())
+    resumed.load_state_dict(original.state_dict())
     resumed.adafactor_weights()  # what its next step does first
     assert pointers(resumed) == buffers
-    for mine, original in zip(resumed.weights, preconditioner.weights, strict=True):
-        assert torch.equal(mine.left, original.left) and torch.equal(mine.right, original.right)
+    for mine, theirs in zip(resumed.weights, original.weights, strict=True):
+        assert torch.equal(mine.left, theirs.left) and torch.equal(mine.right, theirs.right)
 
 
 def test_adaprelora_before_its_first_statistics_uses_unit_weights() -> None:
