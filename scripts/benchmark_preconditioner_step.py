@@ -4,27 +4,33 @@ Builds the tiny SDXL model and the demo data set in a temporary folder and const
 `TrainingRun` per setting: preconditioning off, off again (a copy: it shows how far two identical
 settings drift apart on this machine, i.e. the measurement's resolution), Riemannian,
 AdaPreLoRA, and AdaPreLoRA with exact statistics (scripts/exact_statistics.py: what the sketch
-saves). Each run trains in its own process, but only one works at a time: they take turns
-step by step, round robin, so every round times each setting once within a few hundred
-milliseconds of the others. Load from other jobs on a shared machine then hits all settings
-alike, which separate runs one after another (the first version of this benchmark) did not
-achieve: their medians moved by +-10% from run to run. (The second version took turns between
-threads of one process, which shared one interpreter with every run's data read-ahead thread:
-its steps took 110 ms where a lone run takes 62 to 74 ms, so its times were not those of real
-training.)
+saves). Each run trains in its own process, but only one works at a time: they take turns of
+`--turn` consecutive steps, round robin, so every round times each setting within a few seconds
+of the others. Load from other jobs on a shared machine then hits all settings alike, which
+separate runs one after another (the first version of this benchmark) did not achieve: their
+medians moved by +-10% from run to run. (The second version took turns between threads of one
+process, which shared one interpreter with every run's data read-ahead thread: its steps took
+110 ms where a lone run takes 56 to 74 ms, so its times were not those of real training.)
 
-Per setting: median seconds per step, and the median over rounds of each round's step time
-divided by the same round's "off" step (the paired overhead). The preconditioned runs also time
-the optimizer-step hook itself. The first `--warmup` steps and the last step of each run (which
-overlaps the other runs' saving) are excluded. All of it is repeated `--runs` times with fresh
-processes and the rounds pooled; each run's own paired overhead is shown too, because separate
-runs have landed 2 to 6 points apart on the shared 2-core machine (its other load changes between
-runs), much further than the two "off" copies within one run.
+The first step of each turn is not timed into the result: a process that has idled while the
+others worked pays for it in that step (its torch worker thread and caches go cold; on the
+2-core VM one batched matmul took 5.7 ms after 50 ms of idling, 0.015 ms warm). The third version
+took turns of single steps, so every step paid it: its "off" step took 88 ms where a lone run's
+takes 56 to 61 ms, which understated every overhead by a third.
+
+Per setting: median seconds per step, and the median over rounds of each round's step time (the
+median of its turn's timed steps) divided by the same round's "off" step (the paired overhead).
+The preconditioned runs also time the optimizer-step hook itself. The first `--warmup` steps and
+the last step of each run (which overlaps the other runs' saving) are excluded too. All of it is
+repeated `--runs` times with fresh processes and the rounds pooled; each run's own paired
+overhead is shown too, because separate runs have landed 2 to 6 points apart on the shared 2-core
+machine (its other load changes between runs), much further than the two "off" copies within one
+run.
 
 Writes the table into docs/benchmarks.md (section `preconditioner_step`) unless `--no-write`.
 
-    python scripts/benchmark_preconditioner_step.py [--steps 150] [--warmup 5] [--runs 2]
-        [--threads 2]
+    python scripts/benchmark_preconditioner_step.py [--steps 150] [--turn 10] [--warmup 5]
+        [--runs 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -97,14 +103,18 @@ def training_config(root: Path, *, name: str, lora: dict, steps: int) -> dict:
 @dataclass
 class Timings:
     steps: list[float] = field(default_factory=list)  # seconds of each optimizer step, in order
-    hook: list[float] = field(default_factory=list)  # seconds of the preconditioner hook
+    hook: list[float | None] = field(default_factory=list)  # seconds of its preconditioner hook
+    rounds: list[int] = field(default_factory=list)  # the round each step was taken in
+    timed: list[bool] = field(default_factory=list)  # False: the first step of its turn
 
 
 def worker(root: Path, name: str, index: int, steps: int, threads: int, conn: Connection) -> None:
     """One setting's `TrainingRun` in its own process, one optimizer step per "go" message.
 
     Times each step from the "go" to the end of `pipeline.step` and answers with it (and the
-    hook's time); idles in a blocking receive in between, so it takes no CPU from the others."""
+    hook's time); idles in a blocking receive in between, so it takes no CPU from the others.
+    A turn's "go" messages are all sent at once, so within a turn the steps follow each other
+    as in a lone run."""
     torch.set_num_threads(threads)
     run = TrainingRun(
         load_config(
@@ -144,8 +154,8 @@ def worker(root: Path, name: str, index: int, steps: int, threads: int, conn: Co
     conn.close()
 
 
-def measure(root: Path, *, steps: int, threads: int) -> dict[str, Timings]:
-    """Every setting in its own process; they take turns step by step, the order rotating by
+def measure(root: Path, *, steps: int, turn: int, threads: int) -> dict[str, Timings]:
+    """Every setting in its own process; they take turns of `turn` steps, the order rotating by
     one setting each round, so no setting always follows the same one."""
     context = multiprocessing.get_context("spawn")
     names = list(SETTINGS)
@@ -164,14 +174,18 @@ def measure(root: Path, *, steps: int, threads: int) -> dict[str, Timings]:
             if connections[name].recv() != "ready":
                 raise RuntimeError(f"{name}: the worker did not start")
         timings = {name: Timings() for name in names}
-        for round_index in range(steps):
+        for round_index, first in enumerate(range(0, steps, turn)):
             shift = round_index % len(names)
+            count = min(turn, steps - first)
             for name in names[shift:] + names[:shift]:
-                connections[name].send("go")
-                seconds, hook = connections[name].recv()
-                timings[name].steps.append(seconds)
-                if hook is not None:
+                for _ in range(count):
+                    connections[name].send("go")
+                for position in range(count):
+                    seconds, hook = connections[name].recv()
+                    timings[name].steps.append(seconds)
                     timings[name].hook.append(hook)
+                    timings[name].rounds.append(round_index)
+                    timings[name].timed.append(position > 0 or turn == 1)
         for process in processes:
             process.join(timeout=120)
             if process.exitcode != 0:
@@ -192,17 +206,33 @@ class Row:
     hook: float | None  # median seconds of the hook
 
 
+def _kept(timings: Timings, *, warmup: int) -> list[int]:
+    """Indices of the steps that count: past the warm-up, not the last, not a turn's first."""
+    last = len(timings.steps) - 1
+    return [i for i in range(warmup, last) if timings.timed[i]]
+
+
+def _round_medians(timings: Timings, kept: list[int]) -> dict[int, float]:
+    by_round: dict[int, list[float]] = {}
+    for i in kept:
+        by_round.setdefault(timings.rounds[i], []).append(timings.steps[i])
+    return {round_index: statistics.median(times) for round_index, times in by_round.items()}
+
+
 def summarise(runs: list[dict[str, Timings]], *, warmup: int) -> list[Row]:
     """Rounds of every run pooled; `per_run` shows how far separate runs land apart."""
     rows = []
     for name in runs[0]:
         steps, ratios, hooks, per_run = [], [], [], []
         for timings in runs:
-            kept, reference = timings[name].steps[warmup:-1], timings["off"].steps[warmup:-1]
-            run_ratios = [step / base for step, base in zip(kept, reference, strict=True)]
-            steps += kept
+            mine, off = timings[name], timings["off"]
+            kept = _kept(mine, warmup=warmup)
+            rounds = _round_medians(mine, kept)
+            reference = _round_medians(off, _kept(off, warmup=warmup))
+            run_ratios = [rounds[i] / reference[i] for i in sorted(rounds) if i in reference]
+            steps += [mine.steps[i] for i in kept]
             ratios += run_ratios
-            hooks += timings[name].hook[warmup:-1]
+            hooks += [mine.hook[i] for i in kept if mine.hook[i] is not None]
             per_run.append(statistics.median(run_ratios))
         hook = statistics.median(hooks) if hooks else None
         rows.append(Row(name, statistics.median(steps), statistics.median(ratios), per_run, hook))
@@ -219,6 +249,7 @@ def table(
     sketch: dict[str, float],
     header_line: str,
     steps: int,
+    turn: int,
     warmup: int,
     runs: int,
 ) -> str:
@@ -228,9 +259,11 @@ def table(
         "(`scripts/benchmark_preconditioner_step.py`)",
         "",
         f"{header_line} Tiny SDXL model, LoRA rank 16 on `attn-mlp`, batch 2 at 64 px, fp32, the "
-        "real `TrainingRun`, each setting in its own process; they take turns step by step, "
-        f"{steps} steps each, the first {warmup} and the last excluded ({steps - warmup - 1} "
-        f"rounds); {runs} runs one after another, each with fresh processes, their rounds pooled.",
+        "real `TrainingRun`, each setting in its own process; they take turns of "
+        f"{turn} steps, {steps} steps each; the first step of each turn (it pays for the "
+        f"process's idling while the others worked), the first {warmup} steps and the last are "
+        f"not counted; a round's time is the median of its turn's counted steps; {runs} runs one "
+        "after another, each with fresh processes, their rounds pooled.",
         "",
         "| setting | median step | paired overhead (median of per-round ratios) | each run alone "
         "| hook alone (share of the off step) |",
@@ -320,6 +353,7 @@ def sketch_cost_at_sdxl_width(*, rounds: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per setting")
+    parser.add_argument("--turn", type=int, default=10, help="consecutive steps per turn")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=2, help="whole measurements, fresh processes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -332,13 +366,17 @@ def main() -> int:
         root = Path(tmp)
         build_tiny_sdxl(root / "model")
         write_demo_dataset(root / "data", count=8, size=64)
-        runs = [measure(root, steps=args.steps, threads=args.threads) for _ in range(args.runs)]
+        runs = [
+            measure(root, steps=args.steps, turn=args.turn, threads=args.threads)
+            for _ in range(args.runs)
+        ]
     sketch = sketch_cost_at_sdxl_width(rounds=args.sketch_rounds)
     text = table(
         summarise(runs, warmup=args.warmup),
         sketch=sketch,
         header_line=header_line,
         steps=args.steps,
+        turn=args.turn,
         warmup=args.warmup,
         runs=args.runs,
     )

@@ -8,6 +8,7 @@ nothing ran until its next measurement.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,7 +27,8 @@ SMOKE_RUNS = {
     ),
     "benchmark_preconditioner_step.py": (
         [
-            *["--steps", "3", "--warmup", "1", "--runs", "1", "--sketch-rounds", "1"],
+            *["--steps", "5", "--turn", "2", "--warmup", "1", "--runs", "1"],
+            *["--sketch-rounds", "1"],
             *["--threads", "1", "--no-write"],
         ],
         "| Riemannian |",
@@ -65,3 +67,40 @@ def test_benchmark_script_runs(script):
     assert result.returncode == 0, result.stderr[-3000:]
     assert expected in result.stdout
     assert BENCHMARKS.read_bytes() == recorded, f"{script} wrote docs/benchmarks.md"
+
+
+def _script_module(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_overhead_counts_warm_steps_and_pairs_them_by_round():
+    """The step benchmark leaves out the first step of every turn (a process that idled while the
+    others worked pays for that there) and divides each round's time by the same round's "off"
+    time, so load that changes between rounds cancels."""
+    benchmark = _script_module("benchmark_preconditioner_step.py")
+
+    def timings(warm_by_round: list[float]) -> object:
+        result = benchmark.Timings()
+        for round_index, warm in enumerate(warm_by_round):  # turns of 3: cold, warm, warm
+            for position, seconds in enumerate([0.5, warm, warm]):
+                result.steps.append(seconds)
+                result.hook.append(None)
+                result.rounds.append(round_index)
+                result.timed.append(position > 0)
+        result.steps.append(0.9)  # the last step (overlaps the others' saving)
+        result.hook.append(None)
+        result.rounds.append(len(warm_by_round))
+        result.timed.append(False)
+        return result
+
+    # the machine's load doubles between the two rounds; the setting is 10% slower in both
+    run = {"off": timings([0.050, 0.100]), "slower": timings([0.055, 0.110])}
+    off, slower = benchmark.summarise([run], warmup=0)
+    assert off.step == pytest.approx(0.075)  # median of the warm steps only
+    assert slower.paired == pytest.approx(1.10)
+    assert slower.per_run == [pytest.approx(1.10)]
+    assert slower.hook is None

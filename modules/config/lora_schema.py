@@ -72,8 +72,8 @@ class LoRAConfig(Section):
         help="riemannian = scaled gradient descent on the factors (Zhang & Pilanci 2024); "
         "adaprelora = its Adafactor-weighted variant, which also weights rows and columns of the "
         "weight gradient by their running energy. AdaPreLoRA's pass costs 2-3x the Riemannian "
-        "one and its statistics ride in the backward pass: about 8% on a step of the tiny test "
-        "model on a CPU (about 5% with statistics every 4th step), little at SDXL width.",
+        "one and its statistics ride in the backward pass: about 7% on a step of the tiny test "
+        "model on a CPU (about 4% with statistics every 4th step), little at SDXL width.",
         tab="lora",
         label="Preconditioner",
     )
