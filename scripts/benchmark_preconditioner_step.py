@@ -16,7 +16,7 @@ The first step of each turn is not timed into the result: a process that has idl
 others worked pays for it in that step (its torch worker thread and caches go cold; on the
 2-core VM one batched matmul took 5.7 ms after 50 ms of idling, 0.015 ms warm). The third version
 took turns of single steps, so every step paid it: its "off" step took 88 ms where a lone run's
-takes 56 to 61 ms, which understated every overhead by a third.
+takes 56 to 61 ms, and its hook times were inflated too (the verdicts came out the same).
 
 Per setting: median seconds per step, and the median over rounds of each round's step time (the
 median of its turn's timed steps) divided by the same round's "off" step (the paired overhead).
