@@ -11,7 +11,10 @@ synchronises with the GPU.
 
 Both passes run on the calling thread. Splitting a pass's groups over a second Python thread gave
 bitwise-equal results but was 2.5x slower on the 2-core CPU (1.8 ms against 4.4-5.1 ms for
-AdaPreLoRA on the tiny model): each thread's OpenMP team competes for the same cores.
+AdaPreLoRA on the tiny model): each thread's OpenMP team competes for the same cores. With one
+intra-op thread per half it was still slower, 45 against 39 ms at SDXL size (passes repeated in
+blocks; alternated with the plain pass it looked 15% faster, because each plain pass then paid
+for waking the OpenMP thread the split had left idle).
 """
 
 from __future__ import annotations
