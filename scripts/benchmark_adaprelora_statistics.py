@@ -76,9 +76,9 @@ def training_config(root: Path, setting: str, *, steps: int, seed: int, name: st
     """As tests/test_preconditioner_training.py: rank 8 on every layer, lr 3e-3, no clipping."""
     lora: dict = {"rank": 8, "alpha": 8, "layer_preset": "full"}
     if setting == "riemannian":
-        lora["riemannian_preconditioning"] = True
+        lora["preconditioner"] = "riemannian"
     elif setting != "off":
-        lora |= {"riemannian_preconditioning": True, "preconditioner": "adaprelora"}
+        lora |= {"preconditioner": "adaprelora"}
         if setting == EVERY_4:
             lora["adaprelora_statistics_every"] = 4
         elif setting.startswith("sketch p="):
@@ -334,7 +334,7 @@ def main() -> int:
     started = time.perf_counter()
 
     from modules.data.demo_dataset import write_demo_dataset
-    from modules.models.tiny_sdxl import build_tiny_sdxl
+    from modules.models.sdxl.tiny import build_tiny_sdxl
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

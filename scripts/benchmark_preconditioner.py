@@ -65,10 +65,10 @@ from modules.lora.preconditioning.preconditioner import (  # noqa: E402
     LoRAPreconditioner,
     PreconditionerSettings,
 )
+from modules.util.dtypes import DTYPES  # noqa: E402
 from modules.util.machine import benchmark_header  # noqa: E402
 from modules.util.markdown_section import report_benchmark  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_REG = 1e-2  # PEFT's default damping
 CROSS_ATTENTION_DIM = 2048  # SDXL's concatenated text-encoder width
 EAGER = "ours, Riemannian, no CUDA graph"

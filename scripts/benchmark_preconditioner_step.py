@@ -61,24 +61,22 @@ from modules.lora.layers import LoRALinear  # noqa: E402
 from modules.lora.preconditioning.fused_sketch import FusedLinearSketch  # noqa: E402
 from modules.lora.preconditioning.preconditioner import PreconditionerSettings  # noqa: E402
 from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource, install_tap  # noqa: E402
-from modules.models.tiny_sdxl import build_tiny_sdxl  # noqa: E402
+from modules.models.sdxl.tiny import build_tiny_sdxl  # noqa: E402
 from modules.training.trainer import TrainingRun  # noqa: E402
 from modules.util.machine import benchmark_header  # noqa: E402
 from modules.util.markdown_section import report_benchmark  # noqa: E402
 
 # setting name -> the lora section's preconditioning keys
 SETTINGS: dict[str, dict] = {
-    "off": {"riemannian_preconditioning": False},
-    "off (a second copy)": {"riemannian_preconditioning": False},
-    "Riemannian": {"riemannian_preconditioning": True, "preconditioner": "riemannian"},
-    "AdaPreLoRA": {"riemannian_preconditioning": True, "preconditioner": "adaprelora"},
+    "off": {"preconditioner": "none"},
+    "off (a second copy)": {"preconditioner": "none"},
+    "Riemannian": {"preconditioner": "riemannian"},
+    "AdaPreLoRA": {"preconditioner": "adaprelora"},
     "AdaPreLoRA, statistics every 4th step": {
-        "riemannian_preconditioning": True,
         "preconditioner": "adaprelora",
         "adaprelora_statistics_every": 4,
     },
     "AdaPreLoRA, exact statistics": {
-        "riemannian_preconditioning": True,
         "preconditioner": "adaprelora",
     },
 }

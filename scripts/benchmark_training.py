@@ -24,7 +24,7 @@ import torch
 
 from modules.config.loading import load_config
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.tiny_sdxl import build_tiny_sdxl
+from modules.models.sdxl.tiny import build_tiny_sdxl
 from modules.training.trainer import TrainingRun
 from modules.util.machine import benchmark_header
 from modules.util.markdown_section import report_benchmark

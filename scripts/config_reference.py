@@ -23,7 +23,7 @@ from typing import Any, Literal
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel, Tag  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 
 from modules.config.fields import gui_place  # noqa: E402
@@ -65,6 +65,7 @@ class SectionDoc:
     key: str  # "" for the top level
     doc: str  # Markdown
     fields: list[FieldDoc]
+    tag: str = ""  # the family, for a family's own section
 
 
 def section_model(annotation: Any) -> type[BaseModel] | None:
@@ -72,6 +73,17 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
+
+
+def union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Tag -> section of a discriminated union (`model`: one section per family)."""
+    members = {}
+    for arg in typing.get_args(annotation):
+        tag = next((m.tag for m in getattr(arg, "__metadata__", ()) if isinstance(m, Tag)), None)
+        section = section_model(typing.get_args(arg)[0]) if tag is not None else None
+        if section is not None:
+            members[tag] = section
+    return members
 
 
 def list_item_model(annotation: Any) -> type[BaseModel] | None:
@@ -130,7 +142,12 @@ def field_doc(key: str, info: FieldInfo, default: Any) -> FieldDoc:
 
 
 def collect(
-    model: type[BaseModel], defaults: dict[str, Any], prefix: str = "", doc: str = ""
+    model: type[BaseModel],
+    defaults: dict[str, Any],
+    prefix: str = "",
+    doc: str = "",
+    *,
+    tag: str = "",
 ) -> list[SectionDoc]:
     """The section at `prefix` (its plain fields), then its sub-sections, depth first.
 
@@ -143,7 +160,18 @@ def collect(
         key = f"{prefix}{name}"
         sub = section_model(info.annotation)
         if sub is not None:
-            subsections += collect(sub, defaults[name], f"{key}.")
+            part_doc = html.escape(info.description or "", quote=False)
+            subsections += collect(sub, defaults[name], f"{key}.", part_doc, tag=tag)
+            continue
+        members = union_members(info.annotation)
+        if members:
+            for family, member in members.items():
+                member_doc = (
+                    f"With `{key}.family` = `{json.dumps(family)}`: "
+                    + html.escape(member.__doc__ or "", quote=False).strip()
+                )
+                member_defaults = member().model_dump(mode="json")
+                subsections += collect(member, member_defaults, f"{key}.", member_doc, tag=family)
             continue
         fields.append(field_doc(key, info, defaults[name]))
         item = list_item_model(info.annotation)
@@ -152,7 +180,7 @@ def collect(
             item_doc = f"Each item of the `{key}` list; `<i>` is its index, counted from 0."
             subsections += collect(item, item_defaults, f"{key}.<i>.", item_doc)
     doc = doc or html.escape(model.__doc__ or "", quote=False)
-    return [SectionDoc(prefix.removesuffix("."), doc, fields), *subsections]
+    return [SectionDoc(prefix.removesuffix("."), doc, fields, tag), *subsections]
 
 
 def render() -> str:
@@ -176,11 +204,14 @@ def render() -> str:
         if not section.fields:
             continue
         title = f"`{section.key}`" if section.key else "Top level"
+        if section.tag:
+            title += f" ({section.tag})"
         lines += ["", f"## {title}"]
         if section.doc:
             lines += ["", section.doc]
         for field in section.fields:
-            lines += ["", f"### `{field.key}`", ""]
+            anchor = f" ({section.tag})" if section.tag else ""
+            lines += ["", f"### `{field.key}`{anchor}", ""]
             if field.help:
                 lines += [html.escape(field.help, quote=False), ""]
             lines.append(f"- Type: {field.type}")

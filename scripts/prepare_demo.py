@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.tiny_sdxl import build_tiny_sdxl
+from modules.models.sdxl.tiny import build_tiny_sdxl
 
 
 def main() -> int:

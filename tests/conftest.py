@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.tiny_sdxl import build_tiny_sdxl
+from modules.models.sdxl.tiny import build_tiny_sdxl
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

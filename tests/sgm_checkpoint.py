@@ -1,6 +1,6 @@
 """Write a diffusers SDXL folder as one `.safetensors` file in the original Stability (SGM) layout.
 
-Most SDXL models are shared as such single files, and `modules/models/sdxl_loading.py` loads them
+Most SDXL models are shared as such single files, and `modules/models/sdxl/loading.py` loads them
 through diffusers' single-file converter. No such file can be downloaded in the tests, so this is
 the inverse of that converter (diffusers `loaders/single_file_utils.py`: `convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`), written

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from modules.config.loading import load_config
+from modules.config.schema import CONFIG_VERSION
 from modules.util.library_notices import quiet_library_notices
 from tests.helpers import REPO, cli_env, free_port, run_cli, tiny_config
 
@@ -31,7 +32,7 @@ def test_print_config_shows_the_resolved_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["lora"]["rank"] == 8 and shown["training"]["batch_size"] == 3
-    assert shown["config_version"] == 2 and shown["optimizer"]["name"] == "adamw"
+    assert shown["config_version"] == CONFIG_VERSION and shown["optimizer"]["name"] == "adamw"
 
 
 def test_bad_config_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
@@ -127,7 +128,7 @@ def test_accelerate_launch_two_processes(
         ACCELERATE_USE_CPU="true",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("training 40 LoRA layers") == 1  # only the main process reports
+    assert result.stdout.count("training 48 LoRA layers") == 1  # only the main process reports
     # 4 images in batches of 2 shared by two ranks: one micro-batch per rank and epoch
     assert "(4 images, 1 micro-batches/epoch)" in result.stdout
     assert (workspace / "test-lora.safetensors").is_file()

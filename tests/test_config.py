@@ -22,6 +22,7 @@ from modules.config.loading import (
 )
 from modules.config.schema import CONFIG_VERSION, TrainConfig
 from modules.errors import UserError
+from modules.models.registry import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "training_presets").glob("*.json"))
@@ -213,6 +214,68 @@ def test_v1_migration_errors_use_new_names() -> None:
     assert str(info.value) == "config: lora.rank = 2000 is out of range; allowed: >= 1 and <= 1024"
 
 
+@pytest.mark.parametrize(
+    ("lora", "expected"),
+    [
+        ({"riemannian_preconditioning": True}, "riemannian"),
+        ({"riemannian_preconditioning": True, "preconditioner": "adaprelora"}, "adaprelora"),
+        # v2 trained plainly whenever the switch was off, whatever the method said
+        ({"riemannian_preconditioning": False, "preconditioner": "adaprelora"}, "none"),
+        ({"preconditioner": "riemannian"}, "none"),
+        ({}, "none"),
+    ],
+)
+def test_v2_preconditioner_switch_becomes_one_field(lora: dict, expected: str) -> None:
+    config = load_config(raw={"config_version": 2, "lora": lora})
+    assert config.lora.preconditioner == expected
+
+
+def test_v2_sdxl_config_gets_family_and_keeps_min_snr(tmp_path: Path) -> None:
+    v2 = write_json(
+        tmp_path / "v2.json",
+        {
+            "config_version": 2,
+            "model": {"base_model": "models/sdxl", "unet": {"weight_dtype": "bfloat16"}},
+            "training": {"min_snr_gamma": 5, "batch_size": 2},
+        },
+    )
+    config = load_config(v2)
+    assert config.model.family == "sdxl"
+    assert config.model.min_snr_gamma == 5
+    assert config.model.unet.weight_dtype == "bfloat16"
+    assert config.training.batch_size == 2
+    assert "min_snr_gamma" not in config.training.model_dump()
+
+
+def test_v2_bad_switch_is_named_in_user_terms() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(raw={"config_version": 2, "lora": {"riemannian_preconditioning": "yes"}})
+    assert str(info.value) == (
+        "config: lora.riemannian_preconditioning = 'yes' must be true or false (config version "
+        "2; newer configs set lora.preconditioner instead)"
+    )
+
+
+def test_family_sections_hold_their_own_parts() -> None:
+    flux = load_config(raw={"model": {"family": "flux"}})
+    assert list(flux.model.parts()) == ["transformer", "text_encoder", "text_encoder_2"]
+    assert flux.model.trained_parts() == ["transformer"]
+    with pytest.raises(ConfigError) as info:
+        load_config(raw={"model": {"family": "flux", "unet": {"train": True}}})
+    assert str(info.value).startswith("config: unknown key 'model.unet'")
+    with pytest.raises(ConfigError) as info:
+        load_config(raw={"model": {"family": "flux", "min_snr_gamma": 5}})
+    assert str(info.value).startswith("config: unknown key 'model.min_snr_gamma'")
+    with pytest.raises(ConfigError) as info:
+        load_config(raw={"model": {"family": "flux", "text_encoder_2": {"train": True}}})
+    assert "stays frozen" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(raw={"model": {"family": "sd15"}})
+    assert str(info.value) == (
+        "config: model.family = \"sd15\" is not allowed; choose one of 'sdxl', 'flux'"
+    )
+
+
 def test_newer_version_is_refused(tmp_path: Path) -> None:
     newer = CONFIG_VERSION + 1
     message = error_text(tmp_path / "new.json", {"config_version": newer})
@@ -276,7 +339,7 @@ def test_missing_version_means_current(tmp_path: Path) -> None:
         ),
         pytest.param(
             {"lora": 5},
-            "lora = 5: Input should be a valid dictionary or instance of LoRAConfig",
+            "lora must be a JSON object ({...}), got 5",
             id="section-not-object",
         ),
         pytest.param(
@@ -461,18 +524,24 @@ def test_docs_match_schema() -> None:
 def test_docs_cover_every_field() -> None:
     text = _config_reference().render()
 
-    def keys(model: Any, prefix: str) -> list[str]:
+    def keys(model: Any, prefix: str, family: str = "") -> list[str]:
         found = []
         for name, info in model.model_fields.items():
             key = f"{prefix}{name}"
             annotation = info.annotation
             if isinstance(annotation, type) and issubclass(annotation, Section):
-                found += keys(annotation, f"{key}.")
+                found += keys(annotation, f"{key}.", family)
+            elif name == "model" and not prefix:  # one section per family
+                for tag, (section, _) in FAMILIES.items():
+                    found += keys(section, f"{key}.", f" ({tag})")
             else:
-                found.append(key)
+                found.append(key + family)
         return found
 
     for key in keys(TrainConfig, ""):
-        assert f"### `{key}`" in text, key
+        heading = key.replace(" (", "` (", 1) if " (" in key else key + "`"
+        assert f"### `{heading}" in text, key
     assert "### `data.concepts.<i>.path`" in text
-    assert "- Default: `false`" in text.split("### `model.text_encoder.train`")[1].split("###")[0]
+    te_train = text.split("### `model.text_encoder.train` (sdxl)")[1].split("###")[0]
+    assert "- Default: `false`" in te_train
+    assert "Allowed: " in text.split("### `model.guidance` (flux)")[1].split("###")[0]

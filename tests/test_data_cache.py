@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.sdxl import SDXLFamily
+from modules.models.sdxl.family import SDXLFamily
 from modules.training.trainer import TrainingRun
 from tests.data_helpers import write_image
 from tests.helpers import tiny_config
@@ -83,7 +83,7 @@ def test_cache_key_covers_model_and_resolution(
     make_run(tiny_sdxl_path, dataset, tmp_path / "c", **config)
     assert sum(encodes) == 8
     other_vae = tmp_path / "other-model"
-    from modules.models.tiny_sdxl import build_tiny_sdxl
+    from modules.models.sdxl.tiny import build_tiny_sdxl
 
     build_tiny_sdxl(other_vae, seed=1)
     make_run(other_vae, dataset, tmp_path / "d", **config)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.sdxl import masked_mse
+from modules.models.sdxl.family import masked_mse
 from modules.training.trainer import TrainingRun, train
 from tests.data_helpers import write_image, write_truncated_png
 from tests.helpers import run_cli, straight_and_resumed, tiny_config
@@ -55,7 +55,7 @@ def test_bucketed_multi_resolution_run_from_the_cli(
     assert f"  skipped {mixed_folder / 'broken.png'}: truncated: image file is truncated" in lines
     assert "  buckets at 128 px: 64x192: 2, 128x128: 2, 192x64: 2" in lines
     assert "  buckets at 64 px: 64x64: 6" in lines
-    assert any(line.startswith("training 40 LoRA layers for 3 steps") for line in lines)
+    assert any(line.startswith("training 48 LoRA layers for 3 steps") for line in lines)
     assert (tmp_path / "ws" / "test-lora.safetensors").is_file()
 
 

@@ -18,7 +18,7 @@ from modules.errors import UserError
 from modules.lora.formats import build_metadata, load_lora_into, read_lora_metadata, save_lora
 from modules.lora.layers import lora_pairs
 from modules.lora.network import LoRANetwork
-from modules.models.sdxl_layers import sdxl_lora_targets
+from modules.models.sdxl.layers import sdxl_lora_targets
 
 PRESETS = ["attn", "attn-mlp", "full"]
 LAYOUTS = ["kohya", "diffusers"]
@@ -39,9 +39,7 @@ def make_network(
 ) -> LoRANetwork:
     """A LoRA network on every part of `pipe`, with random non-zero A and B."""
     targets = sdxl_lora_targets(
-        unet=pipe.unet,
-        text_encoder=pipe.text_encoder,
-        text_encoder_2=pipe.text_encoder_2,
+        modules={part: getattr(pipe, part) for part in ALL_PARTS},
         train_parts=ALL_PARTS,
         layer_preset=preset,
         layer_patterns=[],

@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from modules.errors import UserError
 from modules.lora.layers import LoRAConv2d, LoRALinear, LoRAModule, lora_pairs
 from modules.lora.network import LoRANetwork, LoRATarget, select_layers
-from modules.models.sdxl_layers import UNET_LAYER_PRESETS, sdxl_lora_targets
+from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
 
 ADAPTERS = {
     "linear": lambda: LoRALinear(base=nn.Linear(6, 5), name="lin", rank=3, alpha=1.5),
@@ -250,7 +250,7 @@ def injected(
     dropout: float = 0.0,
 ) -> Iterator[LoRANetwork]:
     targets = sdxl_lora_targets(
-        **models, train_parts=parts, layer_preset=preset, layer_patterns=patterns or []
+        modules=models, train_parts=parts, layer_preset=preset, layer_patterns=patterns or []
     )
     network = LoRANetwork.inject(targets, rank=4, alpha=2.0, dropout=dropout)
     try:
@@ -273,16 +273,26 @@ def test_presets_grow(models: dict[str, nn.Module]) -> None:
     assert all(re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", p) for p in attn.values())
     assert all(name.startswith("lora_unet_") for name in full)
     mlp = set(attn_mlp.values()) - set(attn.values())
-    assert mlp and all(re.search(r"\.ff\.net\.(0\.proj|2)$", p) for p in mlp)
+    assert mlp and all(re.search(r"(\.ff\.net\.(0\.proj|2)|proj_in|proj_out)$", p) for p in mlp)
     extra = set(full.values()) - set(attn_mlp.values())
     modules = dict(models["unet"].named_modules())
     assert any(isinstance(modules[p], nn.Conv2d) for p in extra)
     assert all(
-        re.search(
-            r"(proj_in|proj_out|conv1|conv2|conv_shortcut|time_emb_proj|samplers\.0\.conv)$", p
-        )
-        for p in extra
+        re.search(r"(conv1|conv2|conv_shortcut|time_emb_proj|samplers\.0\.conv)$", p) for p in extra
     )
+
+
+def test_attn_mlp_is_sd_scripts_default_set(models: dict[str, nn.Module]) -> None:
+    """sd-scripts' default SDXL LoRA adapts every Linear inside the Transformer2DModel blocks."""
+    unet = models["unet"]
+    expected = {
+        f"{block_path}.{path}"
+        for block_path, block in unet.named_modules()
+        if type(block).__name__ == "Transformer2DModel"
+        for path, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    assert set(_unet_paths(models, "attn-mlp").values()) == expected
 
 
 def test_attn_names_follow_kohya(models: dict[str, nn.Module]) -> None:

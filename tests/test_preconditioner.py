@@ -438,7 +438,7 @@ def test_switching_it_on_with_nothing_to_serve_is_a_user_error() -> None:
         export_path={a.name: a.name for a in adapters},
     )
     config = TrainConfig.model_validate(
-        {"model": {"base_model": "x"}, "lora": {"riemannian_preconditioning": True}}
+        {"model": {"base_model": "x"}, "lora": {"preconditioner": "riemannian"}}
     )
     optimizer = torch.optim.AdamW(network.parameters())
     with pytest.raises(UserError, match="no trainable tensor is a linked LoRA"):

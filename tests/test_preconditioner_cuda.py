@@ -202,7 +202,7 @@ def test_training_on_cuda_in_half_precision_runs_the_hook_without_host_syncs(
         tiny_dataset_path,
         tmp_path,
         model={"unet": weights, "text_encoder": weights, "text_encoder_2": weights},
-        lora={"rank": 4, "alpha": 8, "riemannian_preconditioning": True, "preconditioner": method},
+        lora={"rank": 4, "alpha": 8, "preconditioner": method},
         training={"max_steps": 6, "mixed_precision": precision},
     )
     run = TrainingRun(load_config(raw=raw))

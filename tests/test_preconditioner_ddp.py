@@ -91,7 +91,6 @@ def test_ranks_agree_and_match_one_process_with_accumulation(
             lora={
                 "rank": 2,
                 "alpha": 2,
-                "riemannian_preconditioning": True,
                 "preconditioner": method,
             },
             # SGD: the update is linear in the preconditioned direction (Adam's first steps are

@@ -17,13 +17,13 @@ from modules.training.trainer import TrainingRun
 from tests.helpers import run_cli, straight_and_resumed, tiny_config
 from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
 
-ADAPRELORA = {"riemannian_preconditioning": True, "preconditioner": "adaprelora"}
+ADAPRELORA = {"preconditioner": "adaprelora"}
 
 
 @pytest.mark.parametrize(
     ("lora", "training"),
     [
-        ({"riemannian_preconditioning": True}, {}),
+        ({"preconditioner": "riemannian"}, {}),
         ({**ADAPRELORA, "adaprelora_probes": 4}, {"gradient_checkpointing": True}),
     ],
     ids=["riemannian", "adaprelora-checkpointing"],
@@ -60,7 +60,7 @@ def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
         tiny_sdxl_path,
         tiny_dataset_path,
         tmp_path,
-        lora={"riemannian_preconditioning": True, "layer_preset": "full"},
+        lora={"preconditioner": "riemannian", "layer_preset": "full"},
         model={"text_encoder": {"train": True}, "text_encoder_2": {"train": True}},
         output={"save_dtype": "float32"},
     )
@@ -119,12 +119,12 @@ def test_resuming_a_plain_backup_with_preconditioning_is_a_clear_error(
     run = TrainingRun(load_config(raw=raw))
     run.run()
     run.backup()
-    raw["lora"]["riemannian_preconditioning"] = True
+    raw["lora"]["preconditioner"] = "riemannian"
     config_path = tmp_path / "on.json"
     config_path.write_text(json.dumps(raw), encoding="utf-8")
     result = run_cli("--config-path", str(config_path), "--resume")
     assert result.returncode == 2
-    assert "written without lora.riemannian_preconditioning" in result.stderr
+    assert "written with lora.preconditioner 'none'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -145,7 +145,7 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
         tiny_sdxl_path,
         tiny_dataset_path,
         tmp_path,
-        lora={"loraplus_ratio": 16, "riemannian_preconditioning": True},
+        lora={"loraplus_ratio": 16, "preconditioner": "riemannian"},
         model={"text_encoder": {"train": True, "learning_rate": 5e-4}},
         scheduler={"name": "constant"},
         training={"max_steps": 2},
@@ -197,7 +197,7 @@ def test_every_optimizer_steps_on_the_preconditioned_gradients(
         tiny_sdxl_path,
         tiny_dataset_path,
         tmp_path,
-        lora={"rank": 4, "alpha": 8, "riemannian_preconditioning": True},
+        lora={"rank": 4, "alpha": 8, "preconditioner": "riemannian"},
         optimizer={"name": name, "learning_rate": 1.0 if name == "prodigy" else 1e-2},
         training={"max_steps": 3},
     )

@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors.torch import load_file
 
-from modules.config.schema import ModelConfig
-from modules.models.sdxl_loading import load_sdxl_pipeline
+from modules.models.sdxl.config import SDXLModelConfig
+from modules.models.sdxl.loading import load_sdxl_pipeline
 from tests.helpers import run_cli, tiny_config
 from tests.sgm_checkpoint import write_sgm_checkpoint
 
@@ -39,7 +39,7 @@ def test_checkpoint_has_the_original_sdxl_layout(sgm_file: Path) -> None:
 
 
 def test_single_file_loads_the_folder_weights_exactly(sgm_file: Path, tiny_sdxl_path: Path) -> None:
-    config = ModelConfig(base_model=str(sgm_file), single_file_config=str(tiny_sdxl_path))
+    config = SDXLModelConfig(base_model=str(sgm_file), single_file_config=str(tiny_sdxl_path))
     pipe = load_sdxl_pipeline(config)
 
     for part, weights_file in WEIGHT_FILES.items():

@@ -205,8 +205,9 @@ def test_text_encoder_lora_and_v_prediction_with_min_snr(
             "prediction_type": "v_prediction",
             "text_encoder": {"train": True, "learning_rate": 5e-4},
             "text_encoder_2": {"train": True},
+            "min_snr_gamma": 5.0,
         },
-        training={"max_steps": 2, "min_snr_gamma": 5.0, "gradient_checkpointing": True},
+        training={"max_steps": 2, "gradient_checkpointing": True},
     )
     run = TrainingRun(load_config(raw=raw))
     groups = {g["name"]: g["lr"] for g in run.optimizer.param_groups}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 from pydantic.fields import FieldInfo
 
 from modules.config.migrations import migrate
@@ -106,28 +107,62 @@ def config_to_json(config: TrainConfig) -> str:
 # -- error messages -----------------------------------------------------------------------------
 
 
+def _sections(annotation: Any) -> dict[str | None, type[BaseModel]]:
+    """The section classes a field holds: {None: cls} for a section or a list of them, and
+    {tag: cls} for a union tagged by a discriminator (the family's `model` section)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {None: annotation}
+    found: dict[str | None, type[BaseModel]] = {}
+    for arg in typing.get_args(annotation):
+        tag = next((m.tag for m in getattr(arg, "__metadata__", ()) if isinstance(m, Tag)), None)
+        for key, section in _sections(arg).items():
+            found.setdefault(tag if tag is not None else key, section)
+    return found
+
+
+def _resolve(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], type[BaseModel] | None, Any]:
+    """pydantic's `loc` as the user's key path, with the section holding its last key and that
+    key's field (None if unknown). Union tags pydantic inserts (`model.sdxl.unet`) pick the
+    section and are dropped, and so are the validator tags it appends below a leaf field; keys
+    of sections are kept even when unknown (`training.intervals` stays a key)."""
+    kept: list[Any] = []
+    model: type[BaseModel] | None = TrainConfig
+    parent: type[BaseModel] | None = None
+    field: FieldInfo | None = None
+    options: dict[str | None, type[BaseModel]] = {}
+    for key in loc:
+        if isinstance(key, int):
+            kept.append(key)
+        elif len(options) > 1 and key in options:  # a union tag: pick that member
+            model, options = options[key], {}
+        elif model is not None:
+            kept.append(key)
+            parent, field = model, model.model_fields.get(key)
+            options = _sections(field.annotation) if field is not None else {}
+            model = options.get(None) if len(options) == 1 else None
+        elif not key.startswith(("function-", "float", "int")):
+            kept.append(key)
+            parent, field = None, None
+    return tuple(kept), parent, field
+
+
 def _model_at(path: tuple[Any, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """The section class holding the last key of `path`, and that key's field (None if unknown)."""
+    """The section holding the last key of a user's key path, and that key's field (None if
+    unknown). Below a union (`model`), the first member that has the next key is taken."""
     model: type[BaseModel] | None = TrainConfig
     field: FieldInfo | None = None
-    for key in path:
+    for position, key in enumerate(path):
         if isinstance(key, int):
             continue
         if model is None or key not in model.model_fields:
             return model, None
         field = model.model_fields[key]
-        model = _section_type(field.annotation)
+        members = list(_sections(field.annotation).values())
+        following = path[position + 1] if position + 1 < len(path) else None
+        model = next((m for m in members if following in m.model_fields), None) or (
+            members[0] if members else None
+        )
     return model, field
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _bounds(field: FieldInfo | None) -> str:
@@ -159,16 +194,18 @@ _RANGE_ERRORS = {
 
 def describe_error(item: dict[str, Any]) -> str:
     """One line per pydantic error, in the user's terms: key path, value, what is allowed."""
-    loc = _user_loc(tuple(item["loc"]))
+    loc, parent, field = _resolve(tuple(item["loc"]))
     key = ".".join(str(k) for k in loc) or "(top level)"
     kind, value = item["type"], item.get("input")
     if kind == "extra_forbidden":
-        parent_model, _ = _model_at(loc[:-1])
-        choices = parent_model.model_fields if parent_model else []
+        choices = parent.model_fields if parent else []
         prefix = "".join(f"{k}." for k in loc[:-1])
         return f"unknown key {key!r}{_closest(loc[-1], choices, prefix=prefix)}"
-    _, field = _model_at(loc)
     shown = json.dumps(value) if _jsonable(value) else repr(value)
+    if kind == "union_tag_invalid":
+        ctx = item["ctx"]
+        tag, allowed = json.dumps(ctx["tag"]), ctx["expected_tags"]
+        return f"{key}.family = {tag} is not allowed; choose one of {allowed}"
     if kind == "literal_error":
         allowed = item["ctx"]["expected"]
         hint = _closest(value, _literal_choices(field))
@@ -177,28 +214,11 @@ def describe_error(item: dict[str, Any]) -> str:
         return f"{key} = {shown} is out of range; allowed: {_bounds(field)}"
     if kind == "missing":
         return f"{key} is required"
-    if kind == "value_error" and not loc:
-        return str(item["msg"]).removeprefix("Value error, ")
+    if kind in ("model_type", "dict_type"):
+        return f"{key} must be a JSON object ({{...}}), got {shown}"
+    if kind == "value_error" and (not loc or (field is not None and _sections(field.annotation))):
+        return str(item["msg"]).removeprefix("Value error, ")  # a section's own check
     return f"{key} = {shown}: {item['msg'].removeprefix('Value error, ')}"
-
-
-def _user_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """`loc` without the union member / validator tags pydantic appends below a leaf field.
-
-    Keys of sections are kept even when unknown (`training.intervals` stays a key).
-    """
-    kept: list[Any] = []
-    model: type[BaseModel] | None = TrainConfig
-    for key in loc:
-        if isinstance(key, int):
-            kept.append(key)
-        elif model is not None:
-            kept.append(key)
-            field = model.model_fields.get(key)
-            model = _section_type(field.annotation) if field is not None else None
-        elif not key.startswith(("function-", "float", "int")):
-            kept.append(key)
-    return tuple(kept)
 
 
 def _literal_choices(field: FieldInfo | None) -> list[str]:

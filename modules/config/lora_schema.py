@@ -35,15 +35,19 @@ class LoRAConfig(Section):
     )
     layer_preset: Literal["attn", "attn-mlp", "full"] = option(
         "attn-mlp",
-        help="Which UNet layers get LoRA: attn = attention projections, attn-mlp adds the "
-        "feed-forward layers, full adds convolutions and projections.",
+        help="Which layers of the denoiser (SDXL's UNet, Flux's transformer) get LoRA; the names "
+        "mean the same in every family. attn = the attention projections; attn-mlp = attention "
+        "and feed-forward layers, the set sd-scripts trains by default (for SDXL every Linear "
+        "of the transformer blocks, proj_in/proj_out included); full = every layer a LoRA can "
+        "adapt (SDXL adds the ResNet convolutions, time projections and resamplers; Flux adds "
+        "the modulation and the embedders). Text encoders take their attention and MLP layers.",
         tab="lora",
         label="Layer preset",
     )
     layer_patterns: list[str] = option(
         [],
-        help="Custom UNet layer selection replacing the preset: substrings of module paths, or "
-        "regular expressions prefixed with 're:'. Each must match at least one layer.",
+        help="Custom denoiser layer selection replacing the preset: substrings of module paths, "
+        "or regular expressions prefixed with 're:'. Each must match at least one layer.",
         tab="lora",
         label="Layer patterns",
         advanced=True,
@@ -55,27 +59,18 @@ class LoRAConfig(Section):
         tab="lora",
         label="Continue from LoRA",
     )
-    riemannian_preconditioning: bool = option(
-        False,
-        help="Precondition each LoRA pair's gradients with r x r matrices before the optimizer "
-        "step (g_A <- (s^2 B^T B + lam)^-1 g_A, g_B <- g_B (s^2 A A^T + lam)^-1), so any "
-        "optimizer follows the geometry of W = B A: faster, steadier progress, fewer "
-        "learning-rate surprises. Usual AdamW LoRA rates (1e-4 to 4e-4) work; SGD then behaves "
-        "well at 1e-2 to 1e-1. Adds about 2% to a step of the tiny test model on a CPU and "
-        "about 2 ms to an SDXL step at rank 16 on an H100; its cost grows with the LoRA's "
-        "size, not the images', so its share of a real SDXL step is small.",
+    preconditioner: Literal["none", "riemannian", "adaprelora"] = option(
+        "none",
+        help="Riemannian Preconditioning: before each optimizer step, precondition every LoRA "
+        "pair's gradients with two r x r matrices so that any optimizer follows the geometry "
+        "of W = B A. riemannian = scaled gradient descent on the factors (Zhang & Pilanci "
+        "2024): the step in W no longer depends on how W is split between A and B, or on "
+        "alpha; adaprelora = its Adafactor-weighted variant (Liu, Bian & Cai 2026), which "
+        "also weights rows and columns of the weight gradient by their running energy; none = "
+        "the plain optimizer. The README says where it helps and what it costs, with the "
+        "measurements in docs/benchmarks.md.",
         tab="lora",
         label="Riemannian Preconditioning",
-    )
-    preconditioner: Literal["riemannian", "adaprelora"] = option(
-        "riemannian",
-        help="riemannian = scaled gradient descent on the factors (Zhang & Pilanci 2024); "
-        "adaprelora = its Adafactor-weighted variant, which also weights rows and columns of the "
-        "weight gradient by their running energy. AdaPreLoRA's pass costs 2-3x the Riemannian "
-        "one and its statistics ride in the backward pass: about 7% on a step of the tiny test "
-        "model on a CPU (about 4% with statistics every 4th step), little at SDXL width.",
-        tab="lora",
-        label="Preconditioner",
     )
     precondition_damping: float = option(
         0.1,

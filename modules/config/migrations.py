@@ -1,7 +1,8 @@
 """Upgrade saved configs from older versions, one step at a time.
 
-Each migration takes the raw dict of version N and returns version N + 1. Never edit a migration
-once released: add the next one.
+Each migration takes the raw dict of version N and returns version N + 1; a value it cannot
+carry over is a ValueError that names the key. Never edit a migration once released: add the
+next one.
 """
 
 from __future__ import annotations
@@ -41,7 +42,40 @@ def _v1_to_v2(raw: RawConfig) -> RawConfig:
     return raw
 
 
-MIGRATIONS: dict[int, Callable[[RawConfig], RawConfig]] = {1: _v1_to_v2}
+def _v2_to_v3(raw: RawConfig) -> RawConfig:
+    """v3 made `model` the family's own section and gave the preconditioner one switch.
+
+    - `model.family` is written out (v2 knew only SDXL), and min-SNR moved from `training` into
+      SDXL's `model` section;
+    - `lora.riemannian_preconditioning` (on/off) and `lora.preconditioner` (which method) became
+      `lora.preconditioner` = none / riemannian / adaprelora. A v2 method with the switch off
+      trained plainly, so it migrates to none.
+    """
+    model = raw.get("model")
+    if model is None:
+        model = raw["model"] = {}
+    if isinstance(model, dict):
+        model.setdefault("family", "sdxl")
+        if model["family"] == "sdxl":
+            _move(raw, ("training", "min_snr_gamma"), ("model", "min_snr_gamma"))
+    lora = raw.get("lora")
+    if isinstance(lora, dict) and "riemannian_preconditioning" in lora:
+        switch = lora.pop("riemannian_preconditioning")
+        if switch is True:
+            lora.setdefault("preconditioner", "riemannian")
+        elif switch is False:
+            lora["preconditioner"] = "none"
+        else:
+            raise ValueError(
+                f"lora.riemannian_preconditioning = {switch!r} must be true or false (config "
+                "version 2; newer configs set lora.preconditioner instead)"
+            )
+    elif isinstance(lora, dict) and "preconditioner" in lora:
+        lora["preconditioner"] = "none"  # v2 default of the switch: off
+    return raw
+
+
+MIGRATIONS: dict[int, Callable[[RawConfig], RawConfig]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(raw: RawConfig, *, source: str) -> RawConfig:
@@ -55,7 +89,10 @@ def migrate(raw: RawConfig, *, source: str) -> RawConfig:
             f"(this one reads up to {CONFIG_VERSION}); update Geodesic"
         )
     while version < CONFIG_VERSION:
-        raw = MIGRATIONS[version](raw)
+        try:
+            raw = MIGRATIONS[version](raw)
+        except ValueError as error:  # a value the migration cannot carry over
+            raise UserError(f"{source}: {error}") from None
         version += 1
     raw["config_version"] = CONFIG_VERSION
     return raw

@@ -8,79 +8,31 @@ meaning (modules/config/migrations.py).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from modules.config.data_schema import DataConfig
 from modules.config.fields import Section, option
 from modules.config.lora_schema import LoRAConfig
+from modules.config.model_base import Dtype
+from modules.models.registry import DEFAULT_FAMILY, FAMILIES
 
-CONFIG_VERSION = 2
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-class ModelPartConfig(Section):
-    """Settings of one trainable part (the UNet or a text encoder)."""
-
-    train: bool = option(
-        True,
-        help="Put LoRA on this part and train it.",
-        tab="model",
-        label="Train",
-    )
-    learning_rate: float | None = option(
-        None,
-        help="Learning rate for this part's LoRA; empty uses optimizer.learning_rate. Text "
-        "encoders usually want 0.25x-0.5x of the UNet rate.",
-        tab="model",
-        label="Learning rate",
-        gt=0,
-    )
-    weight_dtype: Dtype = option(
-        "float32",
-        help="Dtype of the frozen base weights. bfloat16 halves memory on GPUs that support it.",
-        tab="model",
-        label="Weight dtype",
-    )
+CONFIG_VERSION = 3
 
 
-class ModelConfig(Section):
-    family: Literal["sdxl"] = option(
-        "sdxl", help="Model family of the base model.", tab="model", label="Model family"
-    )
-    base_model: str = option(
-        "",
-        help="Base model: a local diffusers folder, a Hugging Face repo id (online only), or a "
-        ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
-        tab="model",
-        label="Base model",
-    )
-    single_file_config: str = option(
-        "",
-        help="For single-file checkpoints offline: a local diffusers folder of the same "
-        "architecture whose configs and tokenizers are used.",
-        tab="model",
-        label="Single-file config folder",
-        advanced=True,
-    )
-    unet: ModelPartConfig = Field(default_factory=ModelPartConfig)
-    text_encoder: ModelPartConfig = Field(default_factory=lambda: ModelPartConfig(train=False))
-    text_encoder_2: ModelPartConfig = Field(default_factory=lambda: ModelPartConfig(train=False))
-    train_dtype: Dtype = option(
-        "float32",
-        help="Dtype of the LoRA weights themselves. Keep float32 unless memory is very tight.",
-        tab="model",
-        label="LoRA weight dtype",
-        advanced=True,
-    )
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
-        "auto",
-        help="What the model predicts; auto reads the base model's scheduler config.",
-        tab="model",
-        label="Prediction type",
-    )
+def _family_tag(value: Any) -> Any:
+    """Which family section validates `value`; configs without `family` are SDXL."""
+    if isinstance(value, dict):
+        return value.get("family", DEFAULT_FAMILY)
+    return getattr(value, "family", DEFAULT_FAMILY)
+
+
+# The `model` section is the family's own: its parts and options (modules/models/<family>/).
+ModelConfig = Annotated[
+    Union[tuple(Annotated[config, Tag(name)] for name, (config, _) in FAMILIES.items())],  # noqa: UP007
+    Discriminator(_family_tag),
+]
 
 
 class OptimizerConfig(Section):
@@ -203,13 +155,6 @@ class TrainingConfig(Section):
         tab="training",
         label="Mixed precision",
     )
-    min_snr_gamma: float = option(
-        0.0,
-        help="Min-SNR-gamma loss weighting (5 is common); 0 disables it.",
-        tab="training",
-        label="Min-SNR gamma",
-        ge=0,
-    )
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop",
         help="When a loss or gradient is NaN/inf: stop the run (naming the last good backup) or "
@@ -293,8 +238,9 @@ class OutputConfig(Section):
     )
     format: Literal["kohya", "diffusers"] = option(
         "kohya",
-        help="kohya: lora_unet_/lora_te1_ keys loadable by A1111, Forge, ComfyUI and diffusers; "
-        "diffusers: PEFT layout (unet.<path>.lora_A.weight).",
+        help="kohya: the layout A1111, Forge, ComfyUI and diffusers all load (lora_down / "
+        "lora_up / alpha keys); diffusers: the PEFT layout (lora_A / lora_B keys), which only "
+        "diffusers loads. See the README's compatibility table.",
         tab="backup",
         label="Output format",
     )
@@ -325,7 +271,7 @@ class TrainConfig(Section):
     """The whole training config; every saved file carries its config_version."""
 
     config_version: int = CONFIG_VERSION
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=FAMILIES[DEFAULT_FAMILY][0])
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -336,11 +282,10 @@ class TrainConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _something_trains(self) -> TrainConfig:
-        parts = (self.model.unet, self.model.text_encoder, self.model.text_encoder_2)
-        if not any(part.train for part in parts):
+    def _format_fits_family(self) -> TrainConfig:
+        if self.output.format not in self.model.lora_formats:
             raise ValueError(
-                "nothing to train: set model.unet.train, model.text_encoder.train or "
-                "model.text_encoder_2.train to true"
+                f"output.format {self.output.format!r} is not a layout {self.model.family} "
+                f"LoRAs are saved in; choose one of {list(self.model.lora_formats)}"
             )
         return self

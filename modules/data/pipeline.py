@@ -84,7 +84,7 @@ class DataPipeline:
     def prepare(self, *, family: ModelFamily, model: nn.Module, accelerator: Accelerator) -> None:
         """Fill the latent / text caches the config asks for and point the loaders at them."""
         config, data = self.config, self.config.data
-        text_trained = config.model.text_encoder.train or config.model.text_encoder_2.train
+        text_trained = config.model.trains_text_encoder()
         cache_text = data.cache_text_embeddings and not text_trained
         if not (data.cache_latents or cache_text):
             return

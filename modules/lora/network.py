@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from modules.errors import UserError
 from modules.lora.layers import LoRAModule, UnsupportedLayerError, lora_for
 
+if TYPE_CHECKING:
+    from modules.lora.formats import LoRALayout
+
 
 @dataclass(frozen=True)
 class LoRATarget:
     """One model part that can carry LoRA (the UNet, a text encoder, ...)."""
 
-    part: str  # config name of the part, e.g. "unet"
-    kohya_prefix: str  # e.g. "lora_unet"
+    part: str  # config name of the part (PartSpec.name)
+    kohya_prefix: str  # prefix of its adapters' names (PartSpec.kohya_prefix)
     model: nn.Module
     kohya_path: Callable[[str], str] = lambda path: path  # module path as kohya tools name it
 
@@ -62,7 +66,8 @@ def select_layers(
 
 
 class LoRANetwork(nn.Module):
-    """All adapters of a run, keyed by their kohya name (`lora_unet_..._to_q`)."""
+    """All adapters of a run, keyed by their kohya name (`<kohya prefix>_<module path>`), and
+    the file layouts of the model family they were injected into."""
 
     def __init__(
         self,
@@ -71,12 +76,14 @@ class LoRANetwork(nn.Module):
         part_of: dict[str, str],
         module_path: dict[str, str],
         export_path: dict[str, str],
+        layouts: Sequence[LoRALayout] = (),
     ) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict({adapter.name: adapter for adapter in adapters})
         self.part_of = part_of  # adapter name -> model part ("unet", "text_encoder", ...)
         self.module_path = module_path  # adapter name -> module path inside its part
         self.export_path = export_path  # adapter name -> that path as kohya/diffusers files name it
+        self.layouts = tuple(layouts)  # empty: the generic kohya and diffusers layouts
 
     @classmethod
     def inject(
@@ -86,6 +93,7 @@ class LoRANetwork(nn.Module):
         rank: int,
         alpha: float,
         dropout: float,
+        layouts: Sequence[LoRALayout] = (),
     ) -> LoRANetwork:
         """Create and attach adapters on every layer selected by the patterns of each target."""
         adapters, part_of, module_path, export_path = [], {}, {}, {}
@@ -101,7 +109,13 @@ class LoRANetwork(nn.Module):
                 part_of[name] = target.part
                 module_path[name] = path
                 export_path[name] = exported
-        network = cls(adapters, part_of=part_of, module_path=module_path, export_path=export_path)
+        network = cls(
+            adapters,
+            part_of=part_of,
+            module_path=module_path,
+            export_path=export_path,
+            layouts=layouts,
+        )
         network.attach()
         return network
 

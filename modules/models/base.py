@@ -1,4 +1,10 @@
-"""The small protocol every model family implements, and the registry of families."""
+"""The small protocol every model family implements (the registry is in `registry.py`).
+
+A family owns everything specific to its architecture: its config section (parts and options),
+loading, which layers get LoRA, the training loss, text and latent encoding, sampling and the
+names its LoRA files use. The trainer, data pipeline, sampler and formats only go through this
+protocol and the `PartSpec`s of the family's config section.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from modules.config.model_base import FamilyModelConfig, PartSpec
+
 if TYPE_CHECKING:
     from modules.config.schema import TrainConfig
+    from modules.lora.formats import LoRALayout
     from modules.lora.network import LoRATarget
 
 
@@ -55,11 +64,22 @@ class Batch:
 
 
 class ModelFamily(Protocol):
-    """What the trainer needs from a model family (SDXL now, Flux.1 later)."""
+    """What the trainer needs from a model family."""
 
     name: str
+    config_class: type[FamilyModelConfig]  # its `model` section, which declares its parts
     identity: FileIdentity
     latent_multiple: int  # image sides must be multiples of this
+    # lora.layer_preset -> the layer patterns of its denoiser (the names mean the same in every
+    # family: attn, attn-mlp, full); text encoders take their attention and MLP layers
+    layer_presets: dict[str, list[str]]
+
+    @property
+    def parts(self) -> list[PartSpec]:
+        """The base model's parts (from `config_class`), in declaration order."""
+
+    def lora_layouts(self) -> tuple[LoRALayout, ...]:
+        """The LoRA file layouts it writes and reads, named as `config_class.lora_formats`."""
 
     def load(self, config: TrainConfig) -> nn.Module:
         """Load the base model parts as one module (frozen, in their weight dtypes)."""
@@ -102,10 +122,3 @@ class ModelFamily(Protocol):
 
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
         """Turn on activation checkpointing in the trainable parts."""
-
-
-def get_family(name: str) -> ModelFamily:
-    from modules.models.sdxl import SDXLFamily  # local import: families pull in heavy libraries
-
-    families: dict[str, ModelFamily] = {"sdxl": SDXLFamily()}
-    return families[name]

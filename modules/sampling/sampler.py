@@ -23,7 +23,7 @@ def write_samples(
         return []
     folder.mkdir(parents=True, exist_ok=True)
     pipe = family.sampling_pipeline(base)
-    device = base.unet.device
+    device = pipe.device
     was_training = base.training
     written = []
     devices = [device] if device.type == "cuda" else []

@@ -129,8 +129,8 @@ def read_backup(state: TrainingState, path: Path) -> None:
     if state.preconditioner is not None:
         if saved.get("preconditioner") is None:
             raise UserError(
-                f"backup {path} was written without lora.riemannian_preconditioning; resume it "
-                "with the setting it was trained with"
+                f"backup {path} was written with lora.preconditioner 'none'; resume it with the "
+                "setting it was trained with"
             )
         try:
             state.preconditioner.load_state_dict(saved["preconditioner"])

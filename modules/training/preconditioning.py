@@ -43,7 +43,7 @@ def attach_preconditioner(
     Prints which layers it serves; a warning names trainable tensors it leaves alone, and an error
     stops the run when it would serve nothing at all.
     """
-    if not config.lora.riemannian_preconditioning:
+    if config.lora.preconditioner == "none":
         return None
     settings = settings_from(config)
     coverage = find_coverage(
@@ -54,8 +54,9 @@ def attach_preconditioner(
     )
     if not coverage.pairs:
         raise UserError(
-            "lora.riemannian_preconditioning is on but no trainable tensor is a linked LoRA "
-            f"(A, B) pair ({len(coverage.left_out)} left out); turn it off for these adapters"
+            f"lora.preconditioner is {config.lora.preconditioner!r} but no trainable tensor is a "
+            f"linked LoRA (A, B) pair ({len(coverage.left_out)} left out); set it to 'none' for "
+            "these adapters"
         )
     summary = coverage.summary(settings.method)
     if accelerator.is_main_process:

@@ -25,8 +25,8 @@ from modules.errors import RunError
 from modules.lora.formats import build_metadata, load_lora_into, save_lora
 from modules.lora.layers import LORA_ROLE_B
 from modules.lora.network import LoRANetwork
-from modules.models.base import Batch, ModelFamily, get_family
-from modules.models.sdxl_loading import DTYPES
+from modules.models.base import Batch, ModelFamily
+from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
 from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
@@ -35,6 +35,7 @@ from modules.training.preconditioning import attach_preconditioner
 from modules.training.run_log import RunLog
 from modules.training.stop import StopSignal
 from modules.training.validation import ValidationLog, validation_loss
+from modules.util.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class TrainingRun:
             rank=config.lora.rank,
             alpha=config.lora.alpha,
             dropout=config.lora.dropout,
+            layouts=self.family.lora_layouts(),
         )
         network.to(dtype=DTYPES[config.model.train_dtype])
         if config.lora.init_from:
@@ -187,11 +189,9 @@ class TrainingRun:
         """One group per model part; with LoRA+ each part splits into its A and its B factors."""
         groups = []
         ratio = self.config.lora.loraplus_ratio
+        settings = self.config.model.parts()
         for part in self.network.parts():
-            lr = (
-                getattr(self.config.model, part).learning_rate
-                or self.config.optimizer.learning_rate
-            )
+            lr = settings[part].learning_rate or self.config.optimizer.learning_rate
             params = self.network.parameters_of(part)
             if ratio == 1:
                 groups.append({"params": params, "lr": lr, "name": part})

@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from modules.config.schema import ModelConfig
 from modules.errors import UserError
+from modules.models.sdxl.config import SDXLModelConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 
 
-def load_sdxl_pipeline(config: ModelConfig) -> StableDiffusionXLPipeline:
+def load_sdxl_pipeline(config: SDXLModelConfig) -> StableDiffusionXLPipeline:
     """The base model's components in a pipeline, with an error that says which source failed."""
     source = config.base_model.strip()
     if not source:
@@ -61,7 +59,7 @@ def _from_folder(path: str | Path) -> StableDiffusionXLPipeline:
     )
 
 
-def _from_single_file(path: Path, config: ModelConfig) -> StableDiffusionXLPipeline:
+def _from_single_file(path: Path, config: SDXLModelConfig) -> StableDiffusionXLPipeline:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:

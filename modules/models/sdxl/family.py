@@ -8,13 +8,15 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.training_utils import compute_snr
 from torch import nn
 
+from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
+from modules.lora.formats import GENERIC_LAYOUTS, LoRALayout
 from modules.lora.network import LoRATarget
 from modules.models.base import Batch, FileIdentity
-from modules.models.sdxl_layers import sdxl_lora_targets
-from modules.models.sdxl_loading import DTYPES, load_sdxl_pipeline
-
-TRAINABLE_PARTS = ("unet", "text_encoder", "text_encoder_2")
+from modules.models.sdxl.config import SDXLModelConfig
+from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
+from modules.models.sdxl.loading import load_sdxl_pipeline
+from modules.util.dtypes import DTYPES
 
 
 class SDXLBase(nn.Module):
@@ -50,10 +52,19 @@ def masked_mse(
 
 class SDXLFamily:
     name = "sdxl"
+    config_class = SDXLModelConfig
     identity = FileIdentity(
         base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora"
     )
     latent_multiple = 64
+    layer_presets = UNET_LAYER_PRESETS
+
+    @property
+    def parts(self) -> list[PartSpec]:
+        return SDXLModelConfig.part_specs()
+
+    def lora_layouts(self) -> tuple[LoRALayout, ...]:
+        return GENERIC_LAYOUTS
 
     def load(self, config: TrainConfig) -> SDXLBase:
         pipe = load_sdxl_pipeline(config.model)
@@ -62,8 +73,8 @@ class SDXLFamily:
             prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         base = SDXLBase(pipe, prediction_type=prediction_type)
         base.requires_grad_(False)
-        for part in TRAINABLE_PARTS:
-            module, dtype = getattr(base, part), DTYPES[getattr(config.model, part).weight_dtype]
+        for part, settings in config.model.parts().items():
+            module, dtype = getattr(base, part), DTYPES[settings.weight_dtype]
             if module.dtype != dtype:
                 module.to(dtype=dtype)
         if base.vae.dtype != torch.float32:
@@ -74,10 +85,8 @@ class SDXLFamily:
         self, model: SDXLBase, config: TrainConfig
     ) -> list[tuple[LoRATarget, list[str]]]:
         return sdxl_lora_targets(
-            unet=model.unet,
-            text_encoder=model.text_encoder,
-            text_encoder_2=model.text_encoder_2,
-            train_parts={p for p in TRAINABLE_PARTS if getattr(config.model, p).train},
+            modules={part: getattr(model, part) for part in config.model.parts()},
+            train_parts=set(config.model.trained_parts()),
             layer_preset=config.lora.layer_preset,
             layer_patterns=config.lora.layer_patterns,
         )
@@ -149,7 +158,7 @@ class SDXLFamily:
             # noise drawn on the CPU generator: identical streams on every device, exact resume
             eps = torch.randn(mean.shape, generator=generator).to(device)
             latents = (mean + std * eps) * model.vae.config.scaling_factor
-        train_te = config.model.text_encoder.train or config.model.text_encoder_2.train
+        train_te = config.model.trains_text_encoder()
         if batch.text is not None and not train_te:
             prompt_embeds, pooled = batch.text["prompt_embeds"], batch.text["pooled"]
         else:
@@ -182,7 +191,7 @@ class SDXLFamily:
         ).sample
 
         loss = masked_mse(prediction, target, batch.masks, unmasked=config.data.unmasked_weight)
-        gamma = config.training.min_snr_gamma
+        gamma = config.model.min_snr_gamma
         if gamma > 0:
             snr = compute_snr(scheduler, timesteps)
             clipped = torch.clamp(snr, max=gamma)

@@ -1,0 +1,1 @@
+"""Flux.1 [dev] and [schnell]: its config section, loading, flow-matching loss and sampling."""
