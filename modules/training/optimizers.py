@@ -34,7 +34,7 @@ def _adamw_8bit_class() -> type[torch.optim.Optimizer]:
     except ImportError as error:
         raise UserError(
             f"optimizer.name 'adamw_8bit' needs bitsandbytes ({error}); "
-            "pip install -r requirements-gpu.txt, or use 'adamw'"
+            "pip install -r requirements.txt, or use 'adamw'"
         ) from None
     return bitsandbytes.optim.AdamW8bit
 
