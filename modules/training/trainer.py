@@ -30,6 +30,7 @@ from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
 from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
+from modules.training.memory import print_memory_estimate
 from modules.training.optimizers import create_optimizer, create_scheduler
 from modules.training.preconditioning import attach_preconditioner
 from modules.training.run_log import RunLog
@@ -215,6 +216,12 @@ class TrainingRun:
                 f"({len(self.dataset.train.samples)} images, "
                 f"{self.data.micro_per_epoch} micro-batches/epoch)",
                 flush=True,
+            )
+            print_memory_estimate(
+                family=self.family,
+                base=self.base,
+                config=self.config,
+                device=self.accelerator.device,
             )
         run_log = RunLog(
             logs_dir=self.paths.logs,

@@ -12,7 +12,8 @@ from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
 from modules.lora.formats import GENERIC_LAYOUTS, LoRALayout
 from modules.lora.network import LoRATarget
-from modules.models.base import Batch, FileIdentity
+from modules.models.base import Batch, FileIdentity, MemoryProfile, WeightGroup
+from modules.models.meta import meta_copy
 from modules.models.sdxl.config import SDXLModelConfig
 from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
 from modules.models.sdxl.loading import load_sdxl_pipeline
@@ -201,6 +202,31 @@ class SDXLFamily:
             loss = loss * batch.loss_weights.to(device)
         return loss.mean()
 
+    def memory_profile(self, model: SDXLBase, config: TrainConfig) -> MemoryProfile:
+        copies = {name: meta_copy(getattr(model, name)) for name in (*config.model.parts(), "vae")}
+        settings = config.model.parts()
+        unet, vae = copies["unet"], copies["vae"]
+        downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+        groups = [
+            WeightGroup(
+                name=spec.name,
+                label=spec.label,
+                module=copies[spec.name],
+                role="text_encoder" if spec.text_encoder else "denoiser",
+                dtype=DTYPES[settings[spec.name].weight_dtype],
+                inputs=_clip_inputs if spec.text_encoder else _unet_inputs(unet, downscale),
+            )
+            for spec in self.parts
+        ]
+        groups.append(WeightGroup("vae", "VAE", vae, "latent_encoder", torch.float32))
+        targets = sdxl_lora_targets(
+            modules={part: copies[part] for part in settings},
+            train_parts=set(config.model.trained_parts()),
+            layer_preset=config.lora.layer_preset,
+            layer_patterns=config.lora.layer_patterns,
+        )
+        return MemoryProfile(groups=groups, lora_targets=targets)
+
     def sampling_pipeline(self, model: SDXLBase) -> StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(
             vae=model.vae,
@@ -213,3 +239,30 @@ class SDXLFamily:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _unet_inputs(unet: nn.Module, downscale: int):
+    """The UNet's inputs at a size: latents, both CLIPs' token states, pooled embedding, ids."""
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def inputs(batch: int, height: int, width: int) -> dict:
+        with torch.device("meta"):
+            return {
+                "sample": torch.empty(
+                    batch, config.in_channels, height // downscale, width // downscale
+                ),
+                "timestep": torch.zeros(batch, dtype=torch.long),
+                "encoder_hidden_states": torch.empty(batch, 77, config.cross_attention_dim),
+                "added_cond_kwargs": {
+                    "text_embeds": torch.empty(batch, pooled),
+                    "time_ids": torch.empty(batch, 6),
+                },
+            }
+
+    return inputs
+
+
+def _clip_inputs(batch: int, height: int, width: int) -> dict:
+    with torch.device("meta"):
+        return {"input_ids": torch.zeros(batch, 77, dtype=torch.long), "output_hidden_states": True}

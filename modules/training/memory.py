@@ -1,0 +1,342 @@
+"""The memory estimate printed before training: what one training step holds on the device.
+
+- Weights per part at their dtype or quantized size, counting only what stays on the device
+  (encoders whose outputs are cached move to CPU memory, offloaded blocks visit one at a time).
+- LoRA weights, their gradients, optimizer and preconditioner state, from the LoRA layer shapes.
+- Activations traced on the meta device at the run's resolution and batch
+  (modules/training/activation_trace.py).
+
+Families supply what is model-specific (`ModelFamily.memory_profile`): meta copies of their
+modules, dummy inputs, where LoRA goes; the arithmetic here is generic. The GUI shows the same
+`lines()`. How the estimate compares with measured peaks: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modules.config.schema import TrainConfig
+from modules.data.captions import varies_per_use
+from modules.lora.network import LoRANetwork
+from modules.models.base import MemoryProfile, ModelFamily, WeightGroup
+from modules.models.quantize import (
+    LABELS,
+    quantizable_linears,
+    quantized_weight_bytes,
+    tensor_bytes,
+)
+from modules.training.activation_trace import ActivationTrace, cast_floating, trace_activations
+from modules.util.dtypes import DTYPES
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class WeightLine:
+    """One module's frozen weights."""
+
+    label: str
+    device_bytes: int  # on the training device during a step
+    total_bytes: int  # all of them, wherever they live
+    note: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: tuple[WeightLine, ...]
+    lora_parameters: int
+    lora: int  # LoRA weights
+    gradients: int
+    optimizer: int
+    preconditioner: int
+    activations: ActivationTrace
+    setting: str  # "1024x1024, batch 1, gradient checkpointing"
+    optimizer_name: str
+    device: str  # "cuda", "cpu"
+    available: int | None  # device memory this run can use (CUDA), None elsewhere
+    advice: str  # what lowers the estimate, for the warning
+
+    @property
+    def total(self) -> int:
+        weights = sum(line.device_bytes for line in self.weights)
+        training = self.lora + self.gradients + self.optimizer + self.preconditioner
+        return weights + training + self.activations.total
+
+    def lines(self) -> list[str]:
+        where = "the GPU" if self.device == "cuda" else f"the {self.device.upper()}"
+        lines = [f"memory estimate for a training step on {where}:"]
+        width = max(len(line.label) for line in self.weights)
+        for line in self.weights:
+            lines.append(f"  {line.label:<{width}}  {_size(line.device_bytes)}  {line.note}")
+        lines.append(
+            f"  LoRA ({self.lora_parameters / 1e6:.1f} M parameters): weights {_size(self.lora)}, "
+            f"gradients {_size(self.gradients)}, {self.optimizer_name} state {_size(self.optimizer)}"
+            + (f", preconditioner {_size(self.preconditioner)}" if self.preconditioner else "")
+        )
+        trace = self.activations
+        recompute = f" + {_size(trace.recompute)} recomputed block" if trace.recompute else ""
+        lines.append(
+            f"  activations at {self.setting}: {_size(trace.kept)} kept{recompute} + "
+            f"{_size(trace.workspace)} gradients in flight"
+        )
+        total = f"  total about {_size(self.total)}"
+        if self.available is not None:
+            total += f" of the {_size(self.available)} this GPU has free for the run"
+        lines.append(total)
+        warning = self.warning()
+        if warning:
+            lines.append(warning)
+        return lines
+
+    def warning(self) -> str | None:
+        if self.available is None or self.total <= self.available:
+            return None
+        return (
+            f"warning: the estimate ({_size(self.total)}) exceeds the {_size(self.available)} "
+            f"free on this GPU; the run will likely stop with out-of-memory. {self.advice}"
+        )
+
+
+def _size(size: int) -> str:
+    """GiB with two decimals from 1 GiB on, MiB below (tiny test models: KiB)."""
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    if size >= 2**20 or size == 0:
+        return f"{size / 2**20:.0f} MiB"
+    return f"{size / 2**10:.0f} KiB"
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def parameter_bytes(group: WeightGroup) -> dict[str, int]:
+    """Bytes of each parameter and buffer of the group's module as the run stores it."""
+    quantized = set()
+    if group.quantize != "none":
+        chosen, _ = quantizable_linears(group.module, group.keep_precise)
+        quantized = {f"{path}.weight" for path, _ in chosen}
+    sizes = {}
+    for name, tensor in (*group.module.named_parameters(), *group.module.named_buffers()):
+        if name in quantized:
+            sizes[name] = quantized_weight_bytes(tensor.shape, group.quantize)
+        else:
+            sizes[name] = tensor_bytes(tensor)
+    return sizes
+
+
+def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> WeightLine:
+    sizes = parameter_bytes(group)
+    total = sum(sizes.values())
+    note = DTYPE_NAMES.get(group.dtype, str(group.dtype))
+    if group.quantize != "none":
+        note = f"{LABELS[group.quantize]}, the rest {note}"
+    if leaves_device:
+        return WeightLine(group.label, 0, total, f"{note}; in CPU memory ({reason})")
+    on_device = total
+    if group.offloaded_blocks:
+        paths = {id(module): path for path, module in group.module.named_modules()}
+        blocks = []
+        for block in group.offloaded_blocks:
+            prefix = paths[id(block)] + "."
+            blocks.append(sum(size for name, size in sizes.items() if name.startswith(prefix)))
+        staging = sum(sorted(blocks, reverse=True)[:2])  # the running block and the next
+        on_device = total - sum(blocks) + staging
+        note += (
+            f"; {len(blocks)} blocks in CPU memory ({_size(sum(blocks))}), streamed one at a time"
+        )
+    return WeightLine(group.label, on_device, total, note)
+
+
+def leaving_roles(config: TrainConfig, *, device: str) -> dict[str, str]:
+    """Roles whose modules move to CPU memory once the caches are filled (as the data pipeline's
+    `build_caches` decides), with the reason."""
+    data = config.data
+    if device != "cuda" or not data.offload_encoders:
+        return {}
+    roles = {}
+    if data.cache_latents and data.crop != "random":
+        roles["latent_encoder"] = "cached latents"
+    varying = any(varies_per_use(concept) for concept in data.concepts)
+    if data.cache_text_embeddings and not config.model.trains_text_encoder() and not varying:
+        roles["text_encoder"] = "cached text embeddings"
+    return roles
+
+
+# -- LoRA, optimizer, preconditioner ------------------------------------------------------------
+
+
+def optimizer_state_bytes(config: TrainConfig, shapes: list[torch.Size], dtype: torch.dtype) -> int:
+    """What the configured optimizer keeps per LoRA parameter tensor of `shapes`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    numel = sum(math.prod(shape) for shape in shapes)
+    name = config.optimizer.name
+    if name == "adamw":
+        return 2 * numel * size  # exp_avg, exp_avg_sq
+    if name == "adamw_8bit":
+        return 2 * numel  # both moments in 8 bits (their block scales are negligible)
+    if name == "prodigy":
+        return 4 * numel * size  # exp_avg, exp_avg_sq, s, p0
+    if name == "sgd":
+        return numel * size if config.optimizer.momentum > 0 else 0
+    if name == "adafactor":  # factored second moments: a row and a column vector per matrix
+        return sum((shape[0] + math.prod(shape[1:])) * 4 for shape in shapes)
+    raise ValueError(f"no memory model for optimizer {name!r}")
+
+
+def preconditioner_bytes(config: TrainConfig, pairs: list[tuple[torch.Size, torch.Size]]) -> int:
+    """The preconditioner's state and workspace for LoRA (A, B) pairs of these shapes: r x r
+    Grams and a float32 copy of the gradients; AdaPreLoRA also keeps per-layer row / column
+    statistics, sketches of `adaprelora_probes` columns and factors widened by them."""
+    method = config.lora.preconditioner
+    if method == "none" or not pairs:
+        return 0
+    total = 0
+    for shape_a, shape_b in pairs:
+        r, n, m = shape_a[0], math.prod(shape_a[1:]), shape_b[0]
+        total += 4 * r * r * 4 + (r * n + m * r) * 4
+        if method == "adaprelora":
+            p = config.lora.adaprelora_probes
+            total += p * (m + n) * 4 + 4 * (m + n) * 4 + (r + p) * (m + n) * 4
+    return total
+
+
+# -- the estimate -------------------------------------------------------------------------------
+
+
+def estimate_memory(
+    profile: MemoryProfile,
+    config: TrainConfig,
+    *,
+    device: str = "cuda",
+    available: int | None = None,
+) -> MemoryEstimate:
+    """The estimate for `config` on `device` ("cuda": encoders with cached outputs move to CPU
+    memory); `available`: the device memory the run can use, for the warning."""
+    leaving = leaving_roles(config, device=device)
+    for group in profile.groups:
+        group.module.to(dtype=group.dtype)
+    weights = tuple(
+        weight_line(group, leaves_device=group.role in leaving, reason=leaving.get(group.role, ""))
+        for group in profile.groups
+    )
+    train_dtype = DTYPES[config.model.train_dtype]
+    with torch.device("meta"):
+        network = LoRANetwork.inject(
+            profile.lora_targets,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+        )
+    network.to(dtype=train_dtype)
+    try:
+        shapes = [p.shape for p in network.parameters()]
+        pairs = [
+            (adapter.lora_down.weight.shape, adapter.lora_up.weight.shape)
+            for adapter in network.adapters.values()
+        ]
+        lora = sum(tensor_bytes(p) for p in network.parameters())
+        activations = _activations(profile, config, network)
+    finally:
+        network.detach()
+    resolution = max([config.data.resolution, *config.data.extra_resolutions])
+    checkpointing = config.training.gradient_checkpointing
+    setting = f"{resolution}x{resolution}, batch {config.training.batch_size}" + (
+        ", gradient checkpointing" if checkpointing else ", no gradient checkpointing"
+    )
+    return MemoryEstimate(
+        weights=weights,
+        lora_parameters=sum(math.prod(shape) for shape in shapes),
+        lora=lora,
+        gradients=lora,
+        optimizer=optimizer_state_bytes(config, shapes, train_dtype),
+        preconditioner=preconditioner_bytes(config, pairs),
+        activations=activations,
+        setting=setting,
+        optimizer_name=config.optimizer.name,
+        device=device,
+        available=available,
+        advice=_advice(config, profile),
+    )
+
+
+def _activations(
+    profile: MemoryProfile, config: TrainConfig, network: LoRANetwork
+) -> ActivationTrace:
+    """Traces of the modules on the gradient path: the denoiser, and trained text encoders."""
+    parts = config.model.parts()
+    trains_text = config.model.trains_text_encoder()
+    skip = {id(p) for p in network.parameters()}
+    for group in profile.groups:
+        skip.update(id(p) for p in group.module.parameters())
+        skip.update(id(b) for b in group.module.buffers())
+    resolution = max([config.data.resolution, *config.data.extra_resolutions])
+    batch = config.training.batch_size
+    autocast = AUTOCAST.get(config.training.mixed_precision)
+    traces = []
+    for group in profile.groups:
+        trained = group.name in parts and parts[group.name].train
+        if group.inputs is None or not (trained or group.role == "denoiser"):
+            continue
+        # floating inputs in the module's dtype, as the families' training losses feed them
+        traces.append(
+            trace_activations(
+                group.module,
+                cast_floating(group.inputs(batch, resolution, resolution), group.dtype),
+                checkpointing=config.training.gradient_checkpointing,
+                autocast=autocast,
+                skip=skip,
+                inputs_require_grad=group.role == "denoiser" and trains_text,
+            )
+        )
+    return ActivationTrace(
+        kept=sum(trace.kept for trace in traces),
+        recompute=max((trace.recompute for trace in traces), default=0),
+        largest=max((trace.largest for trace in traces), default=0),
+    )
+
+
+def _advice(config: TrainConfig, profile: MemoryProfile) -> str:
+    steps = []
+    if not config.training.gradient_checkpointing:
+        steps.append("turn on training.gradient_checkpointing")
+    if config.training.batch_size > 1:
+        steps.append("lower training.batch_size (raise gradient_accumulation_steps instead)")
+    steps.append("lower data.resolution")
+    if profile.savings_hint:
+        steps.append(profile.savings_hint)
+    return "To fit: " + "; ".join(steps) + "."
+
+
+def device_memory_available(device: torch.device) -> int | None:
+    """Memory a run on `device` can use from here on: free memory plus what this process's
+    allocator already holds (the loaded weights are part of the estimate). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+def print_memory_estimate(
+    *, family: ModelFamily, base: nn.Module, config: TrainConfig, device: torch.device
+) -> MemoryEstimate | None:
+    """Print the estimate for this run (before its first step). A model the meta-device trace
+    cannot run costs the run its estimate, not its training: the reason is logged instead."""
+    try:
+        profile = family.memory_profile(base, config)
+        estimate = estimate_memory(
+            profile, config, device=device.type, available=device_memory_available(device)
+        )
+    except (NotImplementedError, RuntimeError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("no memory estimate for this model: %s", reason)
+        return None
+    print("\n".join(estimate.lines()), flush=True)
+    return estimate
