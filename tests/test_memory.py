@@ -19,8 +19,13 @@ from modules.models.meta import meta_copy
 from modules.models.offload import BlockOffloader, spread
 from modules.models.quantize import quantize_frozen_linears, tensor_bytes
 from modules.models.registry import get_family
-from modules.training.activation_trace import trace_activations
-from modules.training.memory import estimate_memory, optimizer_state_bytes
+from modules.training.activation_trace import ActivationTrace, trace_activations
+from modules.training.memory import (
+    MemoryEstimate,
+    WeightLine,
+    estimate_memory,
+    optimizer_state_bytes,
+)
 from modules.training.trainer import TrainingRun
 from tests.helpers import tiny_config
 
@@ -266,16 +271,53 @@ def test_estimate_lines_and_the_out_of_memory_warning(
     tight = estimate_memory(profile, config, available=roomy.total // 2)
     warning = tight.warning()
     assert warning is not None and warning == tight.lines()[-1]
-    assert "exceeds the" in warning and "training.gradient_checkpointing" in warning
+    assert warning.startswith("warning: a training step needs about")
+    assert "training.gradient_checkpointing" in warning
     assert "training.batch_size" in warning
     assert math.isclose(tight.total, roomy.total)
 
 
-def test_the_run_prints_the_estimate_before_its_first_step(
+def test_filling_the_caches_can_be_the_peak() -> None:
+    """Encoders whose outputs are cached are on the device with the model until the caches are
+    filled: when they weigh more than a training step needs, that is the peak warned about."""
+    gib = 2**30
+    estimate = MemoryEstimate(
+        weights=(
+            WeightLine("Transformer", gib, gib, "nf4"),
+            WeightLine("T5-XXL text encoder", 0, 9 * gib, "bfloat16; in CPU memory", leaves=True),
+        ),
+        lora_parameters=1000,
+        lora=gib // 8,
+        gradients=gib // 8,
+        optimizer=gib // 4,
+        preconditioner=0,
+        activations=ActivationTrace(kept=gib, recompute=gib // 4, largest=gib // 16),
+        setting="1024x1024, batch 1, gradient checkpointing",
+        optimizer_name="adamw",
+        device="cuda",
+        available=8 * gib,
+        advice="To fit: lower data.resolution.",
+    )
+    assert estimate.caching == 10 * gib + gib // 8 > estimate.total
+    lines = estimate.lines()
+    assert "  while filling the caches (encoders on the device too): 10.12 GiB" in lines
+    assert lines[-1].startswith("warning: filling the caches needs about 10.12 GiB, more than")
+
+
+def test_the_run_prints_the_estimate_before_the_model_goes_to_the_device(
     tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path, capsys
 ) -> None:
+    """Printed right after loading, before the model moves to the GPU (where a model too large
+    would stop the run before its first step), and without drawing from the global random
+    generator: the LoRA initialisation, and so every result, stays as it was."""
     config = load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path))
+    family = get_family("sdxl")
+    base = family.load(config)
+    before = torch.random.get_rng_state()
+    estimate_memory(family.memory_profile(base, config), config)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
     TrainingRun(config).run()
     out = capsys.readouterr().out
-    assert out.index("training 48 LoRA layers") < out.index("memory estimate for a training")
-    assert "  UNet " in out and "  LoRA (" in out and "  total about" in out
+    assert out.index("memory estimate for a training") < out.index("training 48 LoRA layers")
+    assert "  UNet " in out and "  LoRA (" in out and "  training step: about" in out

@@ -47,6 +47,7 @@ class WeightLine:
     device_bytes: int  # on the training device during a step
     total_bytes: int  # all of them, wherever they live
     note: str
+    leaves: bool = False  # on the device only until the caches are filled
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,19 @@ class MemoryEstimate:
         training = self.lora + self.gradients + self.optimizer + self.preconditioner
         return weights + training + self.activations.total
 
+    @property
+    def caching(self) -> int:
+        """Device memory while the caches fill: the encoders are still there with the model
+        and the LoRA weights, before they move to CPU memory; no training state yet."""
+        weights = sum(
+            line.total_bytes if line.leaves else line.device_bytes for line in self.weights
+        )
+        return weights + self.lora
+
+    @property
+    def peak(self) -> int:
+        return max(self.total, self.caching)
+
     def lines(self) -> list[str]:
         where = "the GPU" if self.device == "cuda" else f"the {self.device.upper()}"
         lines = [f"memory estimate for a training step on {where}:"]
@@ -87,7 +101,11 @@ class MemoryEstimate:
             f"  activations at {self.setting}: {_size(trace.kept)} kept{recompute} + "
             f"{_size(trace.workspace)} gradients in flight"
         )
-        total = f"  total about {_size(self.total)}"
+        if any(line.leaves for line in self.weights):
+            lines.append(
+                f"  while filling the caches (encoders on the device too): {_size(self.caching)}"
+            )
+        total = f"  training step: about {_size(self.total)}"
         if self.available is not None:
             total += f" of the {_size(self.available)} this GPU has free for the run"
         lines.append(total)
@@ -97,11 +115,13 @@ class MemoryEstimate:
         return lines
 
     def warning(self) -> str | None:
-        if self.available is None or self.total <= self.available:
+        if self.available is None or self.peak <= self.available:
             return None
+        when = "a training step" if self.total >= self.caching else "filling the caches"
         return (
-            f"warning: the estimate ({_size(self.total)}) exceeds the {_size(self.available)} "
-            f"free on this GPU; the run will likely stop with out-of-memory. {self.advice}"
+            f"warning: {when} needs about {_size(self.peak)}, more than the "
+            f"{_size(self.available)} free on this GPU; the run will likely stop with "
+            f"out-of-memory. {self.advice}"
         )
 
 
@@ -139,7 +159,8 @@ def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> Weig
     if group.quantize != "none":
         note = f"{LABELS[group.quantize]}, the rest {note}"
     if leaves_device:
-        return WeightLine(group.label, 0, total, f"{note}; in CPU memory ({reason})")
+        note = f"{note}; in CPU memory once the caches are filled ({reason})"
+        return WeightLine(group.label, 0, total, note, leaves=True)
     on_device = total
     if group.offloaded_blocks:
         paths = {id(module): path for path, module in group.module.named_modules()}

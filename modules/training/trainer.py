@@ -114,6 +114,10 @@ class TrainingRun:
         torch.manual_seed(config.training.seed)
         self.family = get_family(config.model.family)
         self.base = self.family.load(config)
+        if self.accelerator.is_main_process:  # before anything is on the GPU
+            print_memory_estimate(
+                family=self.family, base=self.base, config=config, device=self.accelerator.device
+            )
         self.network = self._build_network()
         self.data = self.dataset.shard(
             batch_size=config.training.batch_size,
@@ -216,12 +220,6 @@ class TrainingRun:
                 f"({len(self.dataset.train.samples)} images, "
                 f"{self.data.micro_per_epoch} micro-batches/epoch)",
                 flush=True,
-            )
-            print_memory_estimate(
-                family=self.family,
-                base=self.base,
-                config=self.config,
-                device=self.accelerator.device,
             )
         run_log = RunLog(
             logs_dir=self.paths.logs,
