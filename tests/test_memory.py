@@ -321,3 +321,24 @@ def test_the_run_prints_the_estimate_before_the_model_goes_to_the_device(
     out = capsys.readouterr().out
     assert out.index("memory estimate for a training") < out.index("training 48 LoRA layers")
     assert "  UNet " in out and "  LoRA (" in out and "  training step: about" in out
+
+
+def test_a_lora_layer_returns_its_base_layers_dtype_under_autocast() -> None:
+    """Under autocast a norm hands the next Linear a float32 input; with LoRA the layer still
+    returns what its base returns (bfloat16, as PEFT's LoRA layers do), so the activations
+    after it, and what autograd keeps of them, stay bfloat16."""
+    from modules.lora.layers import lora_for
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    adapter = lora_for(base, name="layer", rank=2, alpha=2, dropout=0.0)
+    nn.init.normal_(adapter.lora_up.weight)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = base(x)
+        delta = adapter.delta(x)
+        adapter.attach()
+        adapted = base(x)
+    assert plain.dtype == adapted.dtype == torch.bfloat16 and delta.dtype == torch.float32
+    torch.testing.assert_close(adapted, (plain + delta).to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(adapted, plain)
