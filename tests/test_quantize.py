@@ -163,6 +163,11 @@ def test_keep_holds_back_whole_subtrees_only() -> None:
     assert is_quantized(model.single_transformer_blocks[0].proj_out.weight)
     assert not is_quantized(model.single_transformer_blocks[1].proj_mlp.weight)
     assert "time_text_embed.guidance_embedder.linear_1" in report.kept
+    line = report.line("transformer")
+    assert line.startswith(
+        f"transformer: {report.layers} Linear layers quantized to int8 (torchao)"
+    )
+    assert line.endswith(f"; {len(report.kept)} kept as they were (proj_out, time_text_embed)")
     assert quantize_frozen_linears(model, "nf4", keep=("proj_out", "time_text_embed")).layers == 0
 
 

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from modules.util.sizes import format_bytes
+
 QuantizeKind = Literal["none", "int8", "fp8", "nf4"]
 KINDS: tuple[str, ...] = ("int8", "fp8", "nf4")
 LABELS = {"int8": "int8 (torchao)", "fp8": "fp8 e4m3 (torchao)", "nf4": "nf4 (bitsandbytes)"}
@@ -126,16 +128,19 @@ class QuantizationReport:
 
     kind: str
     layers: int  # Linear layers quantized
-    kept: tuple[str, ...]  # frozen Linear layers left in their dtype (the `keep` list)
+    kept: tuple[str, ...]  # paths of the frozen Linear layers left in their dtype
+    keep: tuple[str, ...]  # the module paths asked to stay precise
     bytes_before: int  # of the quantized layers' weights
     bytes_after: int
 
     def line(self, label: str) -> str:
-        kept = f"; kept as they were: {', '.join(self.kept)}" if self.kept else ""
+        kept = ""
+        if self.kept:
+            held = [prefix for prefix in self.keep if any(kept_by(p, [prefix]) for p in self.kept)]
+            kept = f"; {len(self.kept)} kept as they were ({', '.join(held)})"
         return (
             f"{label}: {self.layers} Linear layers quantized to {LABELS[self.kind]}, their "
-            f"weights {self.bytes_before / 2**30:.2f} GiB -> {self.bytes_after / 2**30:.2f} GiB"
-            f"{kept}"
+            f"weights {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)}{kept}"
         )
 
 
@@ -170,6 +175,7 @@ def quantize_frozen_linears(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; one of {KINDS}")
+    keep = tuple(keep)
     chosen, kept = quantizable_linears(module, keep)
     before = sum(tensor_bytes(layer.weight) for _, layer in chosen)
     quantize_layer = _nf4_layer if kind == "nf4" else _torchao_layer(kind)
@@ -186,7 +192,12 @@ def quantize_frozen_linears(
     modules = dict(module.named_modules())  # nf4 replaced layers
     after = sum(tensor_bytes(modules[path].weight) for path, _ in chosen)
     return QuantizationReport(
-        kind=kind, layers=len(chosen), kept=tuple(kept), bytes_before=before, bytes_after=after
+        kind=kind,
+        layers=len(chosen),
+        kept=tuple(kept),
+        keep=tuple(keep),
+        bytes_before=before,
+        bytes_after=after,
     )
 
 

@@ -32,6 +32,7 @@ from modules.models.quantize import (
 )
 from modules.training.activation_trace import ActivationTrace, cast_floating, trace_activations
 from modules.util.dtypes import DTYPES
+from modules.util.sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +90,31 @@ class MemoryEstimate:
         lines = [f"memory estimate for a training step on {where}:"]
         width = max(len(line.label) for line in self.weights)
         for line in self.weights:
-            lines.append(f"  {line.label:<{width}}  {_size(line.device_bytes)}  {line.note}")
+            lines.append(f"  {line.label:<{width}}  {format_bytes(line.device_bytes)}  {line.note}")
         lines.append(
-            f"  LoRA ({self.lora_parameters / 1e6:.1f} M parameters): weights {_size(self.lora)}, "
-            f"gradients {_size(self.gradients)}, {self.optimizer_name} state {_size(self.optimizer)}"
-            + (f", preconditioner {_size(self.preconditioner)}" if self.preconditioner else "")
+            f"  LoRA ({self.lora_parameters / 1e6:.1f} M parameters): weights {format_bytes(self.lora)}, "
+            f"gradients {format_bytes(self.gradients)}, {self.optimizer_name} state {format_bytes(self.optimizer)}"
+            + (
+                f", preconditioner {format_bytes(self.preconditioner)}"
+                if self.preconditioner
+                else ""
+            )
         )
         trace = self.activations
-        recompute = f" + {_size(trace.recompute)} recomputed block" if trace.recompute else ""
+        recompute = (
+            f" + {format_bytes(trace.recompute)} recomputed block" if trace.recompute else ""
+        )
         lines.append(
-            f"  activations at {self.setting}: {_size(trace.kept)} kept{recompute} + "
-            f"{_size(trace.workspace)} gradients in flight"
+            f"  activations at {self.setting}: {format_bytes(trace.kept)} kept{recompute} + "
+            f"{format_bytes(trace.workspace)} gradients in flight"
         )
         if any(line.leaves for line in self.weights):
             lines.append(
-                f"  while filling the caches (encoders on the device too): {_size(self.caching)}"
+                f"  while filling the caches (encoders on the device too): {format_bytes(self.caching)}"
             )
-        total = f"  training step: about {_size(self.total)}"
+        total = f"  training step: about {format_bytes(self.total)}"
         if self.available is not None:
-            total += f" of the {_size(self.available)} this GPU has free for the run"
+            total += f" of the {format_bytes(self.available)} this GPU has free for the run"
         lines.append(total)
         warning = self.warning()
         if warning:
@@ -119,19 +126,10 @@ class MemoryEstimate:
             return None
         when = "a training step" if self.total >= self.caching else "filling the caches"
         return (
-            f"warning: {when} needs about {_size(self.peak)}, more than the "
-            f"{_size(self.available)} free on this GPU; the run will likely stop with "
+            f"warning: {when} needs about {format_bytes(self.peak)}, more than the "
+            f"{format_bytes(self.available)} free on this GPU; the run will likely stop with "
             f"out-of-memory. {self.advice}"
         )
-
-
-def _size(size: int) -> str:
-    """GiB with two decimals from 1 GiB on, MiB below (tiny test models: KiB)."""
-    if size >= 2**30:
-        return f"{size / 2**30:.2f} GiB"
-    if size >= 2**20 or size == 0:
-        return f"{size / 2**20:.0f} MiB"
-    return f"{size / 2**10:.0f} KiB"
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -170,9 +168,7 @@ def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> Weig
             blocks.append(sum(size for name, size in sizes.items() if name.startswith(prefix)))
         staging = sum(sorted(blocks, reverse=True)[:2])  # the running block and the next
         on_device = total - sum(blocks) + staging
-        note += (
-            f"; {len(blocks)} blocks in CPU memory ({_size(sum(blocks))}), streamed one at a time"
-        )
+        note += f"; {len(blocks)} blocks in CPU memory ({format_bytes(sum(blocks))}), streamed one at a time"
     return WeightLine(group.label, on_device, total, note)
 
 
@@ -196,7 +192,7 @@ def leaving_roles(config: TrainConfig, *, device: str) -> dict[str, str]:
 
 def optimizer_state_bytes(config: TrainConfig, shapes: list[torch.Size], dtype: torch.dtype) -> int:
     """What the configured optimizer keeps per LoRA parameter tensor of `shapes`."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).elementformat_bytes()
     numel = sum(math.prod(shape) for shape in shapes)
     name = config.optimizer.name
     if name == "adamw":
