@@ -90,10 +90,12 @@ class MemoryEstimate:
         lines = [f"memory estimate for a training step on {where}:"]
         width = max(len(line.label) for line in self.weights)
         for line in self.weights:
-            lines.append(f"  {line.label:<{width}}  {format_bytes(line.device_bytes)}  {line.note}")
+            size = format_bytes(line.device_bytes)
+            lines.append(f"  {line.label:<{width}}  {size}  {line.note}")
         lines.append(
-            f"  LoRA ({self.lora_parameters / 1e6:.1f} M parameters): weights {format_bytes(self.lora)}, "
-            f"gradients {format_bytes(self.gradients)}, {self.optimizer_name} state {format_bytes(self.optimizer)}"
+            f"  LoRA ({self.lora_parameters / 1e6:.1f} M parameters): weights "
+            f"{format_bytes(self.lora)}, gradients {format_bytes(self.gradients)}, "
+            f"{self.optimizer_name} state {format_bytes(self.optimizer)}"
             + (
                 f", preconditioner {format_bytes(self.preconditioner)}"
                 if self.preconditioner
@@ -110,7 +112,8 @@ class MemoryEstimate:
         )
         if any(line.leaves for line in self.weights):
             lines.append(
-                f"  while filling the caches (encoders on the device too): {format_bytes(self.caching)}"
+                "  while filling the caches (encoders on the device too): "
+                + format_bytes(self.caching)
             )
         total = f"  training step: about {format_bytes(self.total)}"
         if self.available is not None:
@@ -168,7 +171,8 @@ def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> Weig
             blocks.append(sum(size for name, size in sizes.items() if name.startswith(prefix)))
         staging = sum(sorted(blocks, reverse=True)[:2])  # the running block and the next
         on_device = total - sum(blocks) + staging
-        note += f"; {len(blocks)} blocks in CPU memory ({format_bytes(sum(blocks))}), streamed one at a time"
+        away = format_bytes(sum(blocks))
+        note += f"; {len(blocks)} blocks in CPU memory ({away}), streamed one at a time"
     return WeightLine(group.label, on_device, total, note)
 
 
@@ -192,7 +196,7 @@ def leaving_roles(config: TrainConfig, *, device: str) -> dict[str, str]:
 
 def optimizer_state_bytes(config: TrainConfig, shapes: list[torch.Size], dtype: torch.dtype) -> int:
     """What the configured optimizer keeps per LoRA parameter tensor of `shapes`."""
-    size = torch.empty((), dtype=dtype).elementformat_bytes()
+    size = torch.empty((), dtype=dtype).element_size()
     numel = sum(math.prod(shape) for shape in shapes)
     name = config.optimizer.name
     if name == "adamw":
