@@ -17,14 +17,12 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from modules.util.sizes import format_bytes
 
-QuantizeKind = Literal["none", "int8", "fp8", "nf4"]
 KINDS: tuple[str, ...] = ("int8", "fp8", "nf4")
 LABELS = {"int8": "int8 (torchao)", "fp8": "fp8 e4m3 (torchao)", "nf4": "nf4 (bitsandbytes)"}
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes' default)
