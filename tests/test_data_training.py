@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.sdxl.family import masked_mse
+from modules.models.losses import masked_mse
 from modules.training.trainer import TrainingRun, train
 from tests.data_helpers import write_image, write_truncated_png
 from tests.helpers import run_cli, straight_and_resumed, tiny_config

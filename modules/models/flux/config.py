@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from modules.config.fields import option
 from modules.config.model_base import FamilyModelConfig, ModelPartConfig, model_part
@@ -10,6 +10,9 @@ from modules.config.model_base import FamilyModelConfig, ModelPartConfig, model_
 
 class FluxModelConfig(FamilyModelConfig):
     """Flux.1 [dev] or [schnell] (read from the transformer's config: dev embeds guidance)."""
+
+    # BFL names (kohya's and ComfyUI's own) and diffusers/PEFT; modules/models/flux/lora_layouts.py
+    lora_formats: ClassVar[tuple[str, ...]] = ("kohya", "comfyui", "diffusers")
 
     family: Literal["flux"] = option(
         "flux", help="Model family of the base model.", tab="model", label="Model family"
