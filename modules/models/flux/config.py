@@ -34,7 +34,7 @@ class FluxModelConfig(FamilyModelConfig):
     )
     text_encoder_2: ModelPartConfig = model_part(
         label="T5-XXL text encoder",
-        kohya_prefix="lora_te2",
+        kohya_prefix="lora_te3",  # as sd-scripts names Flux's T5 (CLIP-L is lora_te1)
         train=False,
         text_encoder=True,
         trainable=False,

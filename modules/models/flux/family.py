@@ -53,6 +53,13 @@ class FluxBase(nn.Module):
         self.noise_scheduler = pipe.scheduler
         self.t5_max_length = t5_max_length
 
+    def train(self, mode: bool = True) -> FluxBase:
+        """T5 is always frozen, so it stays in eval mode: T5 v1.1 has dropout (0.1), which would
+        make live text embeddings random and unlike the cached ones."""
+        super().train(mode)
+        self.text_encoder_2.eval()
+        return self
+
     @property
     def guidance_distilled(self) -> bool:
         """[dev] embeds the guidance value; [schnell] does not."""

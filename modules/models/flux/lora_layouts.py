@@ -231,10 +231,26 @@ def _split(
             name: (down, up[rows[member][0] : rows[member][0] + rows[member][1]])
             for member, name in members
         }
+    # block-diagonal over as many members as ours: a file of ours at another rank
+    per_member = rank // len(members) if _block_diagonal(up, rows, members) else rank
     raise UserError(
-        f"{path}: key {keys[0]!r} is a rank-{rank} LoRA on the fused layer {layer.bfl.path}; "
-        f"set lora.rank to {rank} to continue from it"
+        f"{path}: key {keys[0]!r} has shape {tuple(down.shape)}, a rank-{per_member} LoRA per "
+        f"layer where this config has rank {ranks[0]}; set lora.rank to {per_member} to "
+        "continue from it"
     )
+
+
+def _block_diagonal(
+    up: torch.Tensor, rows: list[tuple[int, int]], members: list[tuple[int, str]]
+) -> bool:
+    """Whether B is block-diagonal for an equal split of its rank among `members`."""
+    if up.shape[1] % len(members):
+        return False
+    width, covered = up.shape[1] // len(members), torch.zeros_like(up, dtype=torch.bool)
+    for column, (member, _) in enumerate(members):
+        start, size = rows[member]
+        covered[start : start + size, column * width : (column + 1) * width] = True
+    return not up[~covered].any()
 
 
 def _kohya_text_stem(network: LoRANetwork, name: str) -> str:

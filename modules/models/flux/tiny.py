@@ -27,14 +27,15 @@ T5_WIDTH = 32  # T5-XXL's place (4096)
 LATENT_CHANNELS = 16  # as Flux.1's VAE: packed 2x2, the transformer sees 64 channels
 HEAD_DIM = 16  # 128 in Flux.1; the rotary axes split it as (16, 56, 56) does 128
 AXES_DIMS_ROPE = (4, 6, 6)
-HEADS = 2
+HEADS = 4  # 24 in Flux.1
 
 # Flux.1's VAE normalisation (its config's shift_factor and scaling_factor)
 VAE_SHIFT, VAE_SCALE = 0.1159, 0.3611
 
 
 def tiny_transformer_config(*, guidance_embeds: bool = True) -> dict:
-    """A Flux transformer of two double and two single blocks, 32 wide."""
+    """A Flux transformer of two double and two single blocks, 64 wide: as wide as its
+    64-channel packed output, so a LoRA can fit any target (the one-batch overfit tests)."""
     return {
         "patch_size": 1,
         "in_channels": 4 * LATENT_CHANNELS,
