@@ -9,6 +9,10 @@ adapter's (A and B are the adapters' own numbers, bit for bit). Reading splits a
 exactly when B is block-diagonal as ours (A's chunks and B's blocks); when it is a plain LoRA on
 the fused layer (other trainers) and each adapter has the file's rank, every adapter takes the
 whole A and its own rows of B, which is exact as well. The final modulation's output halves swap.
+
+diffusers (0.42) reads these files too, but drops without a word the LoRAs on the embedders and
+the final layer (only the `full` preset has them): its converter names them without the
+`transformer.` prefix it then loads by. ComfyUI and Forge load them.
 """
 
 from __future__ import annotations
