@@ -188,3 +188,16 @@ def test_text_cache_key_covers_flux_t5_length(
         make_run(TinyModel("flux", tiny_flux_path, settings), dataset, tmp_path)
     shapes = {tuple(load_file(entry)["prompt_embeds"].shape) for entry in entries(tmp_path, "text")}
     assert len(entries(tmp_path, "text")) == 8 and shapes == {(16, 32), (24, 32)}
+
+
+def test_training_from_the_caches_never_runs_the_encoders(
+    tiny_model: TinyModel, dataset: Path, tmp_path: Path
+) -> None:
+    """What offloading relies on: once everything is cached, a step needs no VAE and no text
+    encoder (here they hold no weights at all: any use of them would fail)."""
+    run = make_run(tiny_model, dataset, tmp_path, data={"concepts": [{"path": str(dataset)}]})
+    for module in [run.family.latent_encoder(run.base), *run.family.text_encoders(run.base)]:
+        module.to("meta")
+    result = run.run()
+    assert result.steps == 2
+    assert all(torch.isfinite(v).all() for v in load_file(result.paths.output).values())

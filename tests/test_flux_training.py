@@ -21,7 +21,7 @@ from modules.errors import UserError
 from modules.models.flux.tiny import build_tiny_flux
 from modules.training.trainer import TrainingRun, train
 from tests.conftest import FAMILY_SETTINGS
-from tests.helpers import TinyModel, run_cli
+from tests.helpers import TinyModel, run_cli, straight_and_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,26 @@ def test_preconditioned_lora_overfits_one_batch(
     losses = _overfit(run, 60)
     assert all(math.isfinite(x) for x in losses)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses
+
+
+@pytest.mark.usefixtures("deterministic_kernels")
+@pytest.mark.parametrize("preconditioner", ["riemannian", "adaprelora"])
+def test_preconditioned_resume_is_exact(
+    preconditioner: str, flux: TinyModel, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    """AdaPreLoRA's running statistics and the optimizer state come back from the backup."""
+    sections = {
+        "lora": {"rank": 4, "alpha": 4, "preconditioner": preconditioner},
+        "training": {"max_steps": 5, "batch_size": 1, "gradient_accumulation_steps": 2},
+        "output": {"save_dtype": "float32"},
+    }
+    a, b = straight_and_resumed(
+        lambda workspace: load_config(raw=flux.config(tiny_dataset_path, workspace, **sections)),
+        tmp_path,
+        stop_at=2,
+    )
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
 
 
 def test_loraplus_gives_each_part_an_up_group(

@@ -77,6 +77,7 @@ class FluxSampler:
     def __init__(self, pipe: FluxPipeline, *, max_sequence_length: int) -> None:
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
+        self._told_about_negative_prompt = False
 
     @property
     def device(self) -> torch.device:
@@ -85,8 +86,9 @@ class FluxSampler:
     def __call__(
         self, *, height: int, width: int, negative_prompt: str | None = None, **kwargs: Any
     ) -> FluxPipelineOutput:
-        if negative_prompt:
+        if negative_prompt and not self._told_about_negative_prompt:
             log.warning("Flux.1 samples without a negative prompt; sampling.negative_prompt unused")
+            self._told_about_negative_prompt = True
         packed = self.pipe(
             height=height,
             width=width,
