@@ -104,7 +104,8 @@ class FamilyModelConfig(Section):
     single_file_config: str = option(
         "",
         help="For single-file checkpoints: a local diffusers folder of the same architecture "
-        "whose configs, tokenizers and missing parts are used (needed offline).",
+        "whose configs, tokenizers and missing parts are used (SDXL: needed offline; Flux: "
+        "always, its single files hold only the transformer; online a repo id works too).",
         tab="model",
         label="Single-file config folder",
         advanced=True,

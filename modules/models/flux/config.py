@@ -45,9 +45,8 @@ class FluxModelConfig(FamilyModelConfig):
     guidance: float = option(
         1.0,
         help="Guidance value fed to a guidance-distilled model ([dev]) while training. 1.0 is "
-        "what kohya's and ai-toolkit's Flux LoRA examples train with: the LoRA learns the "
-        "images, not a guidance strength, and samples well at the usual 3-4. Ignored by "
-        "[schnell].",
+        "what kohya's sd-scripts Flux LoRA examples train with: the LoRA learns the images, "
+        "not a guidance strength, and samples well at the usual 3-4. Ignored by [schnell].",
         tab="model",
         label="Training guidance",
         ge=0,
