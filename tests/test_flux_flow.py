@@ -28,6 +28,7 @@ from modules.models.flux.flow import (
     text_ids,
     unpack_latents,
 )
+from modules.models.flux.tiny import scheduler_for
 from modules.models.registry import get_family
 
 SIZES = [(2, 16, 8, 8), (1, 16, 4, 12), (3, 4, 10, 6)]  # (batch, channels, height, width)
@@ -77,6 +78,8 @@ def test_resolution_shift_is_the_schedulers(tiny_flux_path: Path) -> None:
         torch.testing.assert_close(ours, scheduler.sigmas[:-1], rtol=1e-6, atol=1e-6)
     assert resolution_shift(4096, scheduler.config) == pytest.approx(math.exp(1.15))
     assert resolution_shift(256, scheduler.config) == pytest.approx(math.exp(0.5))
+    schnell = scheduler_for(guidance_embeds=False).config  # samples unshifted
+    assert resolution_shift(4096, schnell) == 1.0
 
 
 def _sigmas(**settings) -> torch.Tensor:
@@ -85,7 +88,7 @@ def _sigmas(**settings) -> torch.Tensor:
         config,
         batch_size=40_000,
         image_tokens=4096,
-        scheduler_config={"base_shift": 0.5, "max_shift": 1.15},
+        scheduler_config={"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
         generator=torch.Generator().manual_seed(0),
     )
 

@@ -79,9 +79,9 @@ class FluxModelConfig(FamilyModelConfig):
     )
     timestep_shift: Literal["none", "fixed", "resolution"] = option(
         "resolution",
-        help="Shift of the sampled noise levels towards noisier ones: resolution = by image "
-        "size, as Flux.1 samples (its scheduler's base and max shift); fixed = by `shift`; none "
-        "= as drawn.",
+        help="Shift of the sampled noise levels towards noisier ones: resolution = as the base "
+        "model's scheduler samples (by image size for [dev], between its base and max shift; "
+        "none for [schnell]); fixed = by `shift`; none = as drawn.",
         tab="model",
         label="Timestep shift",
     )

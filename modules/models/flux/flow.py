@@ -51,11 +51,14 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def resolution_shift(image_tokens: int, scheduler_config: dict) -> float:
-    """The shift Flux.1 samples an image of this many packed tokens with.
+    """The shift the model's scheduler samples an image of this many packed tokens with.
 
-    FlowMatchEulerDiscreteScheduler shifts by exp(mu), mu linear in the token count between the
-    scheduler config's base and max shift; `shift_sigmas` with s = exp(mu) is that same map.
+    With dynamic shifting ([dev]) FlowMatchEulerDiscreteScheduler shifts by exp(mu), mu linear in
+    the token count between the config's base and max shift; `shift_sigmas` with s = exp(mu) is
+    that same map. Without it ([schnell]) the config's fixed `shift` applies (1: none).
     """
+    if not scheduler_config.get("use_dynamic_shifting", False):
+        return float(scheduler_config.get("shift", 1.0))
     mu = calculate_shift(
         image_tokens,
         scheduler_config.get("base_image_seq_len", 256),
