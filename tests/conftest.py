@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,10 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 
 from modules.data.demo_dataset import write_demo_dataset
+from modules.lora.network import LoRANetwork
 from modules.models.flux.tiny import build_tiny_flux
 from modules.models.sdxl.tiny import build_tiny_sdxl
+from tests.flux_networks import BOTH_PARTS, make_network
 from tests.helpers import TinyModel
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -61,6 +64,28 @@ def tiny_model(request: pytest.FixtureRequest) -> TinyModel:
     """The tiny model of each family, for the tests that must hold for every family."""
     path = request.getfixturevalue(f"tiny_{request.param}_path")
     return TinyModel(family=request.param, path=path, model=FAMILY_SETTINGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tiny_flux_path: Path) -> FluxPipeline:
+    """The tiny Flux as a FluxPipeline; networks made on it are detached after each test."""
+    return FluxPipeline.from_pretrained(tiny_flux_path)
+
+
+@pytest.fixture
+def flux_network_on(flux_pipe: FluxPipeline) -> Iterator[Callable[..., LoRANetwork]]:
+    """Make LoRA networks (tests/flux_networks.py: make_network) on flux_pipe's transformer and
+    CLIP-L; they come off again when the test ends."""
+    made: list[LoRANetwork] = []
+
+    def make(**kwargs) -> LoRANetwork:
+        parts = {part: getattr(flux_pipe, part) for part in BOTH_PARTS}
+        made.append(make_network(parts, **kwargs))
+        return made[-1]
+
+    yield make
+    for network in made:
+        network.detach()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,8 @@
-"""Flux LoRA files: diffusers loads every layout with the trainer's outputs, the BFL names are the
-real Flux.1-dev checkpoint's (as ComfyUI and Forge map them), and files read back exactly."""
+"""Flux LoRA files in other tools: diffusers loads every layout with the trainer's outputs, and the
+BFL names are the real Flux.1-dev checkpoint's, as ComfyUI and Forge map them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,14 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from modules.errors import UserError
-from modules.lora.formats import load_lora_into, read_lora_metadata, save_lora
-from modules.lora.network import LoRANetwork
-from modules.models.clip_layers import TEXT_ENCODER_PATTERNS
-from modules.models.flux.flow import image_ids, text_ids
-from modules.models.flux.layers import TRANSFORMER_LAYER_PRESETS, flux_lora_targets
+from modules.lora.formats import build_metadata, read_lora_metadata, save_lora
+from modules.models.flux.layers import TRANSFORMER_LAYER_PRESETS
 from modules.models.flux.lora_layouts import COMFYUI_FLUX, KOHYA_FLUX
 from modules.models.registry import get_family
 from tests.flux_checkpoint import bfl_state_dict
+from tests.flux_networks import PRESETS, make_network, outputs, transformer_out
 from tests.test_lora_formats import loader_complaints, rel_err
 
-PRESETS = ["attn", "attn-mlp", "full"]
-BOTH_PARTS = {"transformer", "text_encoder"}
 # What diffusers (0.42) reads of a Flux LoRA in BFL's names: the blocks' layers (the embedders'
 # and final layer's it drops, see lora_layouts.py); and the single blocks' fused q/k/v and MLP
 # input (`linear1`) only at Flux.1's width (3072), so those are checked on the wide model below
@@ -33,86 +27,6 @@ DIFFUSERS_READS_BFL = [
     r"re:^transformer_blocks\.",
     r"re:^single_transformer_blocks\.\d+\.(proj_out|norm\.linear)$",
 ]
-
-
-def make_network(
-    modules: dict[str, torch.nn.Module],
-    *,
-    preset: str = "full",
-    patterns: list[str] | None = None,
-    rank: int = 4,
-    alpha: float = 2.0,
-    seed: int | None = 0,
-) -> LoRANetwork:
-    """A LoRA network on `modules` (parts by name), with random non-zero A and B (`seed` None:
-    as initialised, for models on the meta device)."""
-    targets = flux_lora_targets(
-        modules=modules,
-        train_parts=set(modules),
-        layer_preset=preset,
-        layer_patterns=patterns or [],
-    )
-    network = LoRANetwork.inject(
-        targets, rank=rank, alpha=alpha, dropout=0.0, layouts=get_family("flux").lora_layouts()
-    )
-    if seed is None:
-        return network
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in network.adapters.values():
-            for weight in (adapter.lora_down.weight, adapter.lora_up.weight):
-                weight.copy_(0.2 * torch.randn(weight.shape, generator=generator))
-    return network
-
-
-def transformer_out(transformer: FluxTransformer2DModel) -> torch.Tensor:
-    """The transformer's velocity for fixed inputs: 8x8 latents (16 tokens), 8 text tokens."""
-    config = transformer.config
-    generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(1, 16, config.in_channels, generator=generator)
-    text = torch.randn(1, 8, config.joint_attention_dim, generator=generator)
-    pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=hidden,
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-            timestep=torch.tensor([0.6]),
-            img_ids=image_ids(8, 8),
-            txt_ids=text_ids(8),
-            guidance=torch.tensor([3.5]) if config.guidance_embeds else None,
-            return_dict=False,
-        )[0]
-
-
-def clip_out(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 200, (1, 77), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        out = text_encoder(ids)
-    return {"pooled": out.pooler_output, "last": out.last_hidden_state}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_flux_path: Path) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(tiny_flux_path)
-
-
-@pytest.fixture
-def network_on(pipe: FluxPipeline) -> Iterator[Callable[..., LoRANetwork]]:
-    made: list[LoRANetwork] = []
-
-    def make(**kwargs) -> LoRANetwork:
-        parts = {part: getattr(pipe, part) for part in BOTH_PARTS}
-        made.append(make_network(parts, **kwargs))
-        return made[-1]
-
-    yield make
-    for network in made:
-        network.detach()
-
-
-def outputs(pipe: FluxPipeline) -> dict[str, torch.Tensor]:
-    return {"transformer": transformer_out(pipe.transformer), **clip_out(pipe.text_encoder)}
 
 
 # --- diffusers loads our files and computes what the trainer computes ---------------------------
@@ -130,17 +44,17 @@ def test_diffusers_loads_every_layout_with_identical_outputs(
     layout: str,
     preset: str,
     patterns: list[str] | None,
-    pipe: FluxPipeline,
-    network_on,
+    flux_pipe: FluxPipeline,
+    flux_network_on,
     tiny_flux_path: Path,
     tmp_path: Path,
 ) -> None:
-    network = network_on(preset=preset, patterns=patterns)
+    network = flux_network_on(preset=preset, patterns=patterns)
     file = tmp_path / "lora.safetensors"
     save_lora(network, file, layout=layout, metadata={}, dtype=torch.float32)
-    trainer = outputs(pipe)
+    trainer = outputs(flux_pipe)
     network.detach()
-    base = outputs(pipe)
+    base = outputs(flux_pipe)
     network.attach()
 
     fresh = FluxPipeline.from_pretrained(tiny_flux_path)
@@ -154,7 +68,7 @@ def test_diffusers_loads_every_layout_with_identical_outputs(
 
 
 @pytest.fixture(scope="module")
-def wide_pipe(pipe: FluxPipeline) -> FluxPipeline:
+def wide_pipe(flux_pipe: FluxPipeline) -> FluxPipeline:
     """A pipeline whose transformer is one single block at Flux.1's width (3072), random."""
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(
@@ -174,7 +88,7 @@ def wide_pipe(pipe: FluxPipeline) -> FluxPipeline:
     with torch.no_grad():
         for parameter in transformer.parameters():
             parameter.normal_(0, 0.02, generator=generator)
-    components = {**pipe.components, "transformer": transformer.eval()}
+    components = {**flux_pipe.components, "transformer": transformer.eval()}
     return FluxPipeline(**components)
 
 
@@ -302,115 +216,19 @@ def test_kohya_and_comfyui_names_load_in_comfyui_with_nothing_left_over(preset: 
         assert len(linear_weights) == 19 * 10 + 38 * 3 + 10
 
 
-# --- reading files back --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("layout", ["kohya", "comfyui", "diffusers"])
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_layout_reads_back_exactly(
-    layout: str, preset: str, network_on, tmp_path: Path
-) -> None:
-    saved = network_on(preset=preset, seed=1)
-    file = tmp_path / "lora.safetensors"
-    save_lora(saved, file, layout=layout, metadata={}, dtype=torch.float32)
-    saved.detach()
-    loaded = network_on(preset=preset, seed=2)
-    assert load_lora_into(loaded, file) == layout
-    for name, adapter in loaded.adapters.items():
-        expected = saved.adapters[name].merged_delta_weight()
-        torch.testing.assert_close(adapter.merged_delta_weight(), expected, rtol=1e-6, atol=1e-7)
-        if layout != "diffusers":  # kohya-style files keep A and B as they are
-            assert torch.equal(adapter.lora_down.weight, saved.adapters[name].lora_down.weight)
-            assert torch.equal(adapter.lora_up.weight, saved.adapters[name].lora_up.weight)
-
-
-def _fused_delta(network: LoRANetwork, members: list[str]) -> torch.Tensor:
-    """The fused layer's delta: its members' deltas stacked in output order."""
-    return torch.cat([network.adapters[name].merged_delta_weight() for name in members])
-
-
-def _sd_scripts_file(network: LoRANetwork, path: Path, *, rank: int, alpha: float) -> dict:
-    """A LoRA as sd-scripts trains Flux: one plain (dense) LoRA per BFL layer, fused or not."""
-    generator = torch.Generator().manual_seed(5)
-    tensors = {}
-    for stem, layer in KOHYA_FLUX.layers(network).items():
-        some = network.adapters[next(iter(layer.adapters.values()))]
-        width = some.lora_down.weight.shape[1]
-        fused = layer.bfl is not None and layer.bfl.fused
-        rows = sum(size for _, size in layer.rows(width)) if fused else some.base.out_features
-        tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, width, generator=generator)
-        tensors[f"{stem}.lora_up.weight"] = torch.randn(rows, rank, generator=generator)
-        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
-    safetensors.torch.save_file(tensors, path)
-    return tensors
-
-
-def test_a_plain_lora_on_fused_layers_splits_exactly(network_on, tmp_path: Path) -> None:
-    """Other trainers' fused LoRAs (dense B): every member takes A and its rows of B."""
-    network = network_on(preset="attn-mlp", rank=4, alpha=4)
-    file = tmp_path / "sd-scripts.safetensors"
-    tensors = _sd_scripts_file(network, file, rank=4, alpha=1.0)
-    assert load_lora_into(network, file) == "kohya"
-    layers = KOHYA_FLUX.layers(network)
-    stem = "lora_unet_single_blocks_1_linear1"
-    members = [layers[stem].adapters[index] for index in sorted(layers[stem].adapters)]
-    assert len(members) == 4  # q, k, v and the MLP input
-    expected = 0.25 * tensors[f"{stem}.lora_up.weight"] @ tensors[f"{stem}.lora_down.weight"]
-    torch.testing.assert_close(_fused_delta(network, members), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_foreign_files_that_do_not_fit_say_what_to_change(network_on, tmp_path: Path) -> None:
-    network = network_on(preset="attn-mlp", rank=4)
-    dense = tmp_path / "rank8.safetensors"
-    _sd_scripts_file(network, dense, rank=8, alpha=8.0)
-    with pytest.raises(UserError, match=r"rank-8 LoRA per layer .* set lora.rank to 8"):
-        load_lora_into(network, dense)
-
-    ours = tmp_path / "ours.safetensors"
-    save_lora(network, ours, layout="kohya", metadata={})
-    wider = network_on(preset="attn-mlp", rank=8)
-    with pytest.raises(UserError, match=r"rank-4 LoRA per layer where this config has rank 8"):
-        load_lora_into(wider, ours)
-
-    linear1 = network_on(patterns=[r"re:^single_transformer_blocks\.0\.(attn\.to_[qkv]|proj_mlp)$"])
-    save_lora(linear1, ours, layout="kohya", metadata={})
-    qkv_only = network_on(patterns=[r"re:^single_transformer_blocks\.0\.attn\.to_[qkv]$"])
-    with pytest.raises(UserError, match=r"also trains single_transformer_blocks\.0\.proj_mlp"):
-        load_lora_into(qkv_only, ours)
-
-
-def test_onetrainer_names_are_read(network_on, tmp_path: Path) -> None:
-    """kohya suffixes on diffusers' module names (`lora_transformer_...`), as OneTrainer writes."""
-    saved = network_on(preset="attn", seed=3)
-    tensors = {}
-    for name, adapter in saved.adapters.items():
-        tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().clone()
-        tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().clone()
-        tensors[f"{name}.alpha"] = adapter.alpha.clone()
-    assert any(key.startswith("lora_transformer_transformer_blocks_0_attn_to_q") for key in tensors)
-    file = tmp_path / "onetrainer.safetensors"
-    safetensors.torch.save_file(tensors, file)
-    saved.detach()
-    loaded = network_on(preset="attn", seed=4)
-    assert load_lora_into(loaded, file) == "kohya-diffusers-names"
-    for name, adapter in loaded.adapters.items():
-        assert torch.equal(
-            adapter.merged_delta_weight(), saved.adapters[name].merged_delta_weight()
-        )
-
-
-def test_the_presets_cover_what_their_names_say(pipe: FluxPipeline, network_on) -> None:
+def test_the_presets_cover_what_their_names_say(flux_pipe: FluxPipeline, flux_network_on) -> None:
     transformer = [
-        path for path, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)
+        path for path, m in flux_pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)
     ]
-    paths = {}
+    paths, clip = {}, {}
     for preset in PRESETS:
-        network = network_on(preset=preset)
-        paths[preset] = {
-            network.module_path[name]
-            for name in network.adapters
-            if network.part_of[name] == "transformer"
-        }
+        network = flux_network_on(preset=preset)
+        for part, found in (("transformer", paths), ("text_encoder", clip)):
+            found[preset] = {
+                network.module_path[name]
+                for name in network.adapters
+                if network.part_of[name] == part
+            }
     assert paths["full"] == set(transformer)  # every Linear
     assert paths["attn"] < paths["attn-mlp"] < paths["full"]
     assert "single_transformer_blocks.0.attn.to_q" in paths["attn"]
@@ -422,11 +240,14 @@ def test_the_presets_cover_what_their_names_say(pipe: FluxPipeline, network_on) 
     rest = paths["full"] - paths["attn-mlp"]
     assert {"x_embedder", "norm_out.linear", "transformer_blocks.0.norm1_context.linear"} <= rest
     assert set(TRANSFORMER_LAYER_PRESETS) == set(PRESETS)
-    assert TEXT_ENCODER_PATTERNS  # CLIP-L takes attention and MLP (checked by name above)
+    # CLIP-L takes its attention and MLP layers whatever the preset: 6 in each of its 2 layers
+    layers = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"}
+    layers |= {"mlp.fc1", "mlp.fc2"}
+    expected = {f"encoder.layers.{index}.{layer}" for index in range(2) for layer in layers}
+    assert all(found == expected for found in clip.values()), clip["attn"]
 
 
-def test_metadata_names_the_flux_architecture(network_on, tmp_path: Path) -> None:
-    from modules.lora.formats import build_metadata
+def test_metadata_names_the_flux_architecture(flux_network_on, tmp_path: Path) -> None:
 
     family = get_family("flux")
     meta = build_metadata(
@@ -439,7 +260,7 @@ def test_metadata_names_the_flux_architecture(network_on, tmp_path: Path) -> Non
         architecture=family.identity.architecture,
     )
     file = tmp_path / "lora.safetensors"
-    save_lora(network_on(preset="attn"), file, layout="kohya", metadata=meta)
+    save_lora(flux_network_on(preset="attn"), file, layout="kohya", metadata=meta)
     read = read_lora_metadata(file)
     assert read["ss_base_model_version"] == "flux1"
     assert read["modelspec.architecture"] == "flux-1-dev/lora"
