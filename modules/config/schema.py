@@ -183,7 +183,12 @@ class SamplingConfig(Section):
         25, help="Denoising steps per sample.", tab="sampling", label="Sampler steps", ge=1, le=1000
     )
     cfg_scale: float = option(
-        7.0, help="Classifier-free guidance scale.", tab="sampling", label="CFG scale", ge=0
+        7.0,
+        help="Classifier-free guidance scale (SDXL). For Flux.1 [dev] it is the embedded "
+        "guidance instead (3.5 is usual); [schnell] ignores it.",
+        tab="sampling",
+        label="CFG scale",
+        ge=0,
     )
     seed: int = option(
         1,
@@ -236,11 +241,13 @@ class OutputConfig(Section):
         label="Name",
         min_length=1,
     )
-    format: Literal["kohya", "diffusers"] = option(
+    format: Literal["kohya", "diffusers", "comfyui"] = option(
         "kohya",
         help="kohya: the layout A1111, Forge, ComfyUI and diffusers all load (lora_down / "
-        "lora_up / alpha keys); diffusers: the PEFT layout (lora_A / lora_B keys), which only "
-        "diffusers loads. See the README's compatibility table.",
+        "lora_up / alpha keys; for Flux in BFL's names with q/k/v fused, as sd-scripts writes "
+        "it); diffusers: the PEFT layout (lora_A / lora_B keys), which only diffusers loads; "
+        "comfyui (Flux only): ComfyUI's own diffusion_model.* keys. See the README's "
+        "compatibility table.",
         tab="backup",
         label="Output format",
     )
