@@ -1,5 +1,5 @@
-"""A tiny Flux transformer, its inputs and LoRA on all of its blocks, for the quantization,
-offloading and memory tests (built directly from a small config: nothing is downloaded)."""
+"""The tiny Flux transformer on its own (the family's test config), its inputs and LoRA on all of
+its blocks, for the quantization, offloading and memory tests."""
 
 from __future__ import annotations
 
@@ -7,22 +7,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from modules.lora.network import LoRANetwork, LoRATarget
+from modules.models.flux.tiny import tiny_transformer_config
 
-# Flux.1's layout (double then single blocks, guidance embedding, 3-axis RoPE) at toy widths
-TINY_FLUX = {
-    "patch_size": 1,
-    "in_channels": 16,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 24,
-    "pooled_projection_dim": 16,
-    "guidance_embeds": True,
-    "axes_dims_rope": (4, 6, 6),
-}
-# what stays unquantized in Flux: the input / output projections and the embedders
-FLUX_KEEP = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+TINY_FLUX = tiny_transformer_config()
 
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxTransformer2DModel:

@@ -40,8 +40,8 @@ SMOKE_RUNS = {
     "benchmark_damping.py": (["--steps", "3", "--seeds", "1", "--no-write"], "| kappa 100, r 8 |"),
     "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),
     "benchmark_flux_memory.py": (
-        ["--resolution", "256", "--models", "sdxl", "--no-write"],
-        "| SDXL base 1.0, bf16 |",
+        ["--resolution", "256", "--no-write"],
+        "| Flux.1-dev, nf4, 38 blocks offloaded |",
     ),
     "benchmark_data.py": (
         ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--no-write"],

@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
-from modules.errors import UserError
 from modules.models.flux.tiny import build_tiny_flux
 from modules.training.trainer import TrainingRun, train
 from tests.conftest import FAMILY_SETTINGS
@@ -200,14 +199,6 @@ def test_samples_show_the_lora(flux: TinyModel, tiny_dataset_path: Path, tmp_pat
     assert (with_lora - without).abs().mean() > 1.0  # of 255
     run.sample(0)
     assert (tmp_path / "samples" / "000000" / "00.png").is_file()
-
-
-def test_quantized_base_is_not_silently_ignored(
-    flux: TinyModel, tiny_dataset_path: Path, tmp_path: Path
-) -> None:
-    raw = flux.config(tiny_dataset_path, tmp_path, model={"quantize_base": "int8"})
-    with pytest.raises(UserError, match=r"model.quantize_base .* not available"):
-        TrainingRun(load_config(raw=raw))
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from memory_helpers import FLUX_KEEP, flux_inputs, lora_on_blocks, tiny_flux
+from memory_helpers import TINY_FLUX, flux_inputs, lora_on_blocks, tiny_flux
 from torch import nn
 
 from modules.config.loading import load_config
 from modules.lora.network import LoRANetwork
 from modules.models.base import MemoryProfile, WeightGroup
+from modules.models.flux.memory import KEEP_PRECISE
 from modules.models.meta import meta_copy
 from modules.models.offload import BlockOffloader, spread
 from modules.models.quantize import quantize_frozen_linears, tensor_bytes
@@ -135,7 +136,7 @@ def test_quantized_and_offloaded_transformer_weights_are_measured_ones(kind: str
     offloader keeps away (plus the two blocks it stages)."""
     model = tiny_flux(dtype=torch.bfloat16)
     offloaded = spread(3, 4)
-    keep = FLUX_KEEP if kind != "none" else ()
+    keep = KEEP_PRECISE if kind != "none" else ()
     group = flux_group(model, quantize=kind, keep_precise=keep, offloaded=offloaded)
     config = load_config(raw={})
     line = estimate_memory(
@@ -206,7 +207,8 @@ def test_checkpointing_keeps_block_inputs_and_one_block() -> None:
 
     full, lean = trace(2, False), trace(2, True)
     assert 0 < lean.recompute < lean.kept + lean.recompute < full.kept
-    hidden = 2 * 16 * 32 * 4  # batch x image tokens x width x float32
+    width = TINY_FLUX["num_attention_heads"] * TINY_FLUX["attention_head_dim"]
+    hidden = 2 * 16 * width * 4  # batch x image tokens x width x float32
     # each of the 4 blocks keeps its image stream (the single blocks: text and image joined)
     assert lean.kept >= 4 * hidden
     double = trace(4, True)

@@ -12,9 +12,10 @@ import functools
 
 import pytest
 import torch
-from memory_helpers import FLUX_KEEP, flux_inputs, lora_on_blocks, run, tiny_flux
+from memory_helpers import flux_inputs, lora_on_blocks, run, tiny_flux
 from torch import nn
 
+from modules.models.flux.memory import KEEP_PRECISE
 from modules.models.offload import BlockOffloader, spread
 from modules.models.quantize import quantize_frozen_linears
 
@@ -53,7 +54,7 @@ def resident_run(*, checkpointing: bool = True, kind: str | None = None):
     """The reference: the same training with every block on the device."""
     model = tiny_flux()
     if kind is not None:
-        quantize_frozen_linears(model, kind, keep=FLUX_KEEP)
+        quantize_frozen_linears(model, kind, keep=KEEP_PRECISE)
     return train_steps(model, checkpointing=checkpointing)
 
 
@@ -108,7 +109,7 @@ def test_backward_leaves_at_most_one_block_on_the_device() -> None:
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantized_blocks_offload_too(kind: str) -> None:
     model = tiny_flux()
-    quantize_frozen_linears(model, kind, keep=FLUX_KEEP)
+    quantize_frozen_linears(model, kind, keep=KEEP_PRECISE)
     BlockOffloader(blocks_of(model), [0, 2, 3])
     assert_same_run(train_steps(model), resident_run(kind=kind))
 
