@@ -35,7 +35,7 @@ import torch
 from modules.config.loading import load_config
 from modules.lora.network import LoRANetwork
 from modules.models.registry import get_family
-from modules.training.memory import MemoryEstimate, estimate_memory, leaving_roles, weight_line
+from modules.training.memory import MemoryEstimate, estimate_memory, weight_lines
 from modules.util.library_notices import quiet_library_notices
 from modules.util.machine import benchmark_header
 from modules.util.markdown_section import report_benchmark
@@ -210,11 +210,7 @@ def estimates(rows: list[Setting], *, resolution: int, batch: int) -> dict[str, 
             traced[row.family] = estimate_memory(profile, config)
             result[row.name] = traced[row.family]
             continue
-        leaving = leaving_roles(config, device="cuda")
-        weights = tuple(
-            weight_line(g, leaves_device=g.role in leaving, reason=leaving.get(g.role, ""))
-            for g in profile.groups
-        )
+        weights = weight_lines(profile, config, device="cuda")
         result[row.name] = dataclasses.replace(traced[row.family], weights=weights)
     return result
 

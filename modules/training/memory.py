@@ -176,6 +176,19 @@ def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> Weig
     return WeightLine(group.label, on_device, total, note)
 
 
+def weight_lines(
+    profile: MemoryProfile, config: TrainConfig, *, device: str
+) -> tuple[WeightLine, ...]:
+    """Every group's weights at its dtype (the meta copies are cast to it first)."""
+    leaving = leaving_roles(config, device=device)
+    for group in profile.groups:
+        group.module.to(dtype=group.dtype)
+    return tuple(
+        weight_line(group, leaves_device=group.role in leaving, reason=leaving.get(group.role, ""))
+        for group in profile.groups
+    )
+
+
 def leaving_roles(config: TrainConfig, *, device: str) -> dict[str, str]:
     """Roles whose modules move to CPU memory once the caches are filled (as the data pipeline's
     `build_caches` decides), with the reason."""
@@ -241,13 +254,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """The estimate for `config` on `device` ("cuda": encoders with cached outputs move to CPU
     memory); `available`: the device memory the run can use, for the warning."""
-    leaving = leaving_roles(config, device=device)
-    for group in profile.groups:
-        group.module.to(dtype=group.dtype)
-    weights = tuple(
-        weight_line(group, leaves_device=group.role in leaving, reason=leaving.get(group.role, ""))
-        for group in profile.groups
-    )
+    weights = weight_lines(profile, config, device=device)
     train_dtype = DTYPES[config.model.train_dtype]
     with torch.device("meta"):
         network = LoRANetwork.inject(
