@@ -71,10 +71,34 @@ def test_weights_are_the_loaded_parts_bytes(
     for line in on_cpu.weights:
         assert line.total_bytes == line.device_bytes == measured_bytes(loaded[line.label])
 
-    on_gpu = {line.label: line for line in estimate_memory(profile, config).weights}
+    estimate = estimate_memory(profile, config)
+    on_gpu = {line.label: line for line in estimate.weights}
     assert on_gpu["VAE"].device_bytes == 0 and "cached latents" in on_gpu["VAE"].note
     # a text encoder is trained, so the text embeddings are not cached and both stay
     assert on_gpu["OpenCLIP-G text encoder"].device_bytes == measured_bytes(base.text_encoder_2)
+    # the caches fill with their encoders alone on the device: here only the VAE runs
+    assert estimate.caching == measured_bytes(base.vae)
+
+
+def test_the_caching_phase_is_its_encoders_alone(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    """With text embeddings cached too, the VAE and both text encoders fill the caches, and
+    nothing else is on the device meanwhile (the UNet and LoRA come afterwards)."""
+    config = sdxl_config(tiny_sdxl_path, tiny_dataset_path, tmp_path, train_text=False)
+    family = get_family("sdxl")
+    base = family.load(config)
+    estimate = estimate_memory(family.memory_profile(base, config), config)
+    encoders = (base.vae, base.text_encoder, base.text_encoder_2)
+    assert estimate.caching == sum(measured_bytes(module) for module in encoders)
+    assert "  while the caches fill (their encoders alone, before the model): " in "\n".join(
+        estimate.lines()
+    )
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path)
+    raw["data"].update(cache_latents=False, cache_text_embeddings=False)
+    uncached = load_config(raw=raw)
+    nothing = estimate_memory(family.memory_profile(base, uncached), uncached)
+    assert nothing.caching == 0 and "caches fill" not in "\n".join(nothing.lines())
 
 
 def test_lora_and_optimizer_state_are_the_runs(
@@ -280,13 +304,22 @@ def test_estimate_lines_and_the_out_of_memory_warning(
 
 
 def test_filling_the_caches_can_be_the_peak() -> None:
-    """Encoders whose outputs are cached are on the device with the model until the caches are
-    filled: when they weigh more than a training step needs, that is the peak warned about."""
+    """The encoders that fill the caches are alone on the device meanwhile: when they weigh more
+    than a training step needs (T5-XXL beside an offloaded nf4 transformer), that is the peak
+    warned about, with advice for that phase."""
     gib = 2**30
     estimate = MemoryEstimate(
         weights=(
             WeightLine("Transformer", gib, gib, "nf4"),
-            WeightLine("T5-XXL text encoder", 0, 9 * gib, "bfloat16; in CPU memory", leaves=True),
+            WeightLine(
+                "T5-XXL text encoder",
+                0,
+                9 * gib,
+                "bfloat16; in CPU memory",
+                leaves=True,
+                fills_caches=True,
+            ),
+            WeightLine("VAE", gib // 8, gib // 8, "float32", fills_caches=True),
         ),
         lora_parameters=1000,
         lora=gib // 8,
@@ -299,11 +332,25 @@ def test_filling_the_caches_can_be_the_peak() -> None:
         device="cuda",
         available=8 * gib,
         advice="To fit: lower data.resolution.",
+        caching_advice="Free memory on this GPU.",
     )
-    assert estimate.caching == 10 * gib + gib // 8 > estimate.total
+    assert estimate.caching == 9 * gib + gib // 8 > estimate.total
     lines = estimate.lines()
-    assert "  while filling the caches (encoders on the device too): 10.12 GiB" in lines
-    assert lines[-1].startswith("warning: filling the caches needs about 10.12 GiB, more than")
+    assert "  while the caches fill (their encoders alone, before the model): 9.12 GiB" in lines
+    assert lines[-1].startswith(
+        "warning: filling the caches (their encoders alone) needs about 9.12 GiB, more than"
+    )
+    assert lines[-1].endswith("Free memory on this GPU.")
+
+
+def test_caching_advice_names_float32_text_encoders(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    config = sdxl_config(tiny_sdxl_path, tiny_dataset_path, tmp_path, train_text=False)
+    family = get_family("sdxl")
+    estimate = estimate_memory(family.memory_profile(family.load(config), config), config)
+    # CLIP-L is float16 here, OpenCLIP-G float32
+    assert estimate.caching_advice == "To fit: set model.text_encoder_2.weight_dtype to bfloat16."
 
 
 def test_the_run_prints_the_estimate_before_the_model_goes_to_the_device(

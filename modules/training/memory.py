@@ -2,6 +2,8 @@
 
 - Weights per part at their dtype or quantized size, counting only what stays on the device
   (encoders whose outputs are cached move to CPU memory, offloaded blocks visit one at a time).
+- The caching phase before it: the encoders that fill the latent / text caches, alone on the
+  device (the trainer moves the denoiser there afterwards); it can be the peak.
 - LoRA weights, their gradients, optimizer and preconditioner state, from the LoRA layer shapes.
 - Activations traced on the meta device at the run's resolution and batch
   (modules/training/activation_trace.py).
@@ -49,6 +51,7 @@ class WeightLine:
     total_bytes: int  # all of them, wherever they live
     note: str
     leaves: bool = False  # on the device only until the caches are filled
+    fills_caches: bool = False  # runs while the caches fill, before the denoiser comes
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class MemoryEstimate:
     device: str  # "cuda", "cpu"
     available: int | None  # device memory this run can use (CUDA), None elsewhere
     advice: str  # what lowers the estimate, for the warning
+    caching_advice: str = ""  # what lowers the caching phase, for the warning
 
     @property
     def total(self) -> int:
@@ -74,12 +78,9 @@ class MemoryEstimate:
 
     @property
     def caching(self) -> int:
-        """Device memory while the caches fill: the encoders are still there with the model
-        and the LoRA weights, before they move to CPU memory; no training state yet."""
-        weights = sum(
-            line.total_bytes if line.leaves else line.device_bytes for line in self.weights
-        )
-        return weights + self.lora
+        """Device memory while the caches fill: the encoders that fill them, alone (the model
+        and the LoRA weights come to the device once they are done)."""
+        return sum(line.total_bytes for line in self.weights if line.fills_caches)
 
     @property
     def peak(self) -> int:
@@ -110,9 +111,9 @@ class MemoryEstimate:
             f"  activations at {self.setting}: {format_bytes(trace.kept)} kept{recompute} + "
             f"{format_bytes(trace.workspace)} gradients in flight"
         )
-        if any(line.leaves for line in self.weights):
+        if any(line.fills_caches for line in self.weights):
             lines.append(
-                "  while filling the caches (encoders on the device too): "
+                "  while the caches fill (their encoders alone, before the model): "
                 + format_bytes(self.caching)
             )
         total = f"  training step: about {format_bytes(self.total)}"
@@ -127,11 +128,14 @@ class MemoryEstimate:
     def warning(self) -> str | None:
         if self.available is None or self.peak <= self.available:
             return None
-        when = "a training step" if self.total >= self.caching else "filling the caches"
+        if self.total >= self.caching:
+            when, advice = "a training step", self.advice
+        else:
+            when, advice = "filling the caches (their encoders alone)", self.caching_advice
         return (
             f"warning: {when} needs about {format_bytes(self.peak)}, more than the "
             f"{format_bytes(self.available)} free on this GPU; the run will likely stop with "
-            f"out-of-memory. {self.advice}"
+            f"out-of-memory. {advice}"
         )
 
 
@@ -153,7 +157,9 @@ def parameter_bytes(group: WeightGroup) -> dict[str, int]:
     return sizes
 
 
-def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> WeightLine:
+def weight_line(
+    group: WeightGroup, *, leaves_device: bool, reason: str, fills_caches: bool = False
+) -> WeightLine:
     sizes = parameter_bytes(group)
     total = sum(sizes.values())
     note = DTYPE_NAMES.get(group.dtype, str(group.dtype))
@@ -161,7 +167,7 @@ def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> Weig
         note = f"{LABELS[group.quantize]}, the rest {note}"
     if leaves_device:
         note = f"{note}; in CPU memory once the caches are filled ({reason})"
-        return WeightLine(group.label, 0, total, note, leaves=True)
+        return WeightLine(group.label, 0, total, note, leaves=True, fills_caches=fills_caches)
     on_device = total
     if group.offloaded_blocks:
         paths = {id(module): path for path, module in group.module.named_modules()}
@@ -173,7 +179,7 @@ def weight_line(group: WeightGroup, *, leaves_device: bool, reason: str) -> Weig
         on_device = total - sum(blocks) + staging
         away = format_bytes(sum(blocks))
         note += f"; {len(blocks)} blocks in CPU memory ({away}), streamed one at a time"
-    return WeightLine(group.label, on_device, total, note)
+    return WeightLine(group.label, on_device, total, note, fills_caches=fills_caches)
 
 
 def weight_lines(
@@ -181,12 +187,30 @@ def weight_lines(
 ) -> tuple[WeightLine, ...]:
     """Every group's weights at its dtype (the meta copies are cast to it first)."""
     leaving = leaving_roles(config, device=device)
+    caching = caching_roles(config)
     for group in profile.groups:
         group.module.to(dtype=group.dtype)
     return tuple(
-        weight_line(group, leaves_device=group.role in leaving, reason=leaving.get(group.role, ""))
+        weight_line(
+            group,
+            leaves_device=group.role in leaving,
+            reason=leaving.get(group.role, ""),
+            fills_caches=group.role in caching,
+        )
         for group in profile.groups
     )
+
+
+def caching_roles(config: TrainConfig) -> set[str]:
+    """Roles whose modules the data pipeline's `prepare` brings to the device to fill the
+    caches, before the denoiser comes."""
+    data = config.data
+    roles = set()
+    if data.cache_latents:
+        roles.add("latent_encoder")
+    if data.cache_text_embeddings and not config.model.trains_text_encoder():
+        roles.add("text_encoder")
+    return roles
 
 
 def leaving_roles(config: TrainConfig, *, device: str) -> dict[str, str]:
@@ -292,6 +316,7 @@ def estimate_memory(
         device=device,
         available=available,
         advice=_advice(config, profile),
+        caching_advice=_caching_advice(config),
     )
 
 
@@ -341,6 +366,21 @@ def _advice(config: TrainConfig, profile: MemoryProfile) -> str:
     if profile.savings_hint:
         steps.append(profile.savings_hint)
     return "To fit: " + "; ".join(steps) + "."
+
+
+def _caching_advice(config: TrainConfig) -> str:
+    parts = config.model.parts()
+    wide = [
+        f"model.{spec.name}.weight_dtype"
+        for spec in config.model.part_specs()
+        if spec.text_encoder and parts[spec.name].weight_dtype == "float32"
+    ]
+    if wide and "text_encoder" in caching_roles(config):
+        return f"To fit: set {', '.join(wide)} to bfloat16."
+    return (
+        "The VAE and text encoders need this much on their own: free memory on this GPU or use "
+        "one with more."
+    )
 
 
 def device_memory_available(device: torch.device) -> int | None:
