@@ -369,8 +369,9 @@ def main() -> None:
             header,
             f"Random weights at the real shapes; {setting}. {gpu_note}",
             table(rows, estimated, measured),
-            "The last column is the estimate while the latent and text caches fill, before the "
-            "VAE and text encoders move to CPU memory: they share the GPU with the model then.",
+            "The last column is the estimate while the latent and text caches fill: the VAE and "
+            "the text encoders alone on the GPU, before the model comes (the same for every "
+            "setting of a model).",
             f"The estimate as printed before training, for {shown.name}:",
             "```\n" + "\n".join(detail.lines()) + "\n```",
         ]

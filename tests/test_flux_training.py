@@ -205,7 +205,8 @@ def test_samples_show_the_lora(flux: TinyModel, tiny_dataset_path: Path, tmp_pat
 def test_flux_preset_trains_from_the_cli(
     tiny_flux_path: Path, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    """training_presets/flux_dev_lora.json as a user runs it, pointed at the tiny model."""
+    """training_presets/flux_dev_lora.json as a user runs it (its int8 transformer included),
+    pointed at the tiny model."""
     workspace = tmp_path / "ws"
     concepts = json.dumps([{"path": str(tiny_dataset_path)}])
     result = run_cli(
@@ -231,6 +232,8 @@ def test_flux_preset_trains_from_the_cli(
         f"output.workspace_dir={workspace}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Linear layers quantized to int8 (torchao" in result.stderr
+    assert "int8 (torchao" in result.stdout  # the estimate's transformer line
     lora = workspace / "my_flux_lora.safetensors"
     keys = load_file(lora)
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
