@@ -18,6 +18,7 @@ from modules.errors import UserError
 from modules.lora.formats import build_metadata, load_lora_into, read_lora_metadata, save_lora
 from modules.lora.layers import lora_pairs
 from modules.lora.network import LoRANetwork
+from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import sdxl_lora_targets
 
 PRESETS = ["attn", "attn-mlp", "full"]
@@ -37,14 +38,20 @@ def make_network(
     alpha: float = 2.0,
     seed: int = 0,
 ) -> LoRANetwork:
-    """A LoRA network on every part of `pipe`, with random non-zero A and B."""
+    """A LoRA network on every part of `pipe` with SDXL's file layouts, random non-zero A and B."""
     targets = sdxl_lora_targets(
         modules={part: getattr(pipe, part) for part in ALL_PARTS},
         train_parts=ALL_PARTS,
         layer_preset=preset,
         layer_patterns=[],
     )
-    network = LoRANetwork.inject(targets, rank=rank, alpha=alpha, dropout=0.0)
+    network = LoRANetwork.inject(
+        targets,
+        rank=rank,
+        alpha=alpha,
+        dropout=0.0,
+        layouts=sdxl_lora_layouts(pipe.unet.config),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in network.adapters.values():
@@ -250,11 +257,11 @@ def test_default_save_is_fp16_with_scalar_alpha(network_on, tmp_path: Path) -> N
     file = tmp_path / "lora.safetensors"
     save_lora(network, file, layout="kohya", metadata={})
     tensors = safetensors.torch.load_file(file)
-    assert set(tensors) == set(network.adapters.state_dict())
-    name = next(iter(network.adapters))
-    assert tensors[f"{name}.lora_down.weight"].dtype == torch.float16
-    assert tensors[f"{name}.alpha"].shape == ()
-    assert tensors[f"{name}.alpha"].item() == 2.0
+    assert len(tensors) == len(network.adapters.state_dict())
+    stem = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"  # SGM name
+    assert tensors[f"{stem}.lora_down.weight"].dtype == torch.float16
+    assert tensors[f"{stem}.alpha"].shape == ()
+    assert tensors[f"{stem}.alpha"].item() == 2.0
 
 
 # --- loading back into the trainer ----------------------------------------------------------------
@@ -369,7 +376,7 @@ def test_file_of_another_layer_preset_is_refused(layout: str, network_on, tmp_pa
 
     with pytest.raises(UserError) as excinfo:
         load_lora_into(network_on(preset="full"), attn_file)
-    assert "has no key '" in _one_line_user_error(excinfo, attn_file)
+    assert "has no weights for LoRA layer '" in _one_line_user_error(excinfo, attn_file)
 
 
 def test_non_safetensors_file_is_refused_without_unpickling(network_on, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath
 
 
 class LoRAConfig(Section):
@@ -52,7 +53,7 @@ class LoRAConfig(Section):
         label="Layer patterns",
         advanced=True,
     )
-    init_from: str = option(
+    init_from: LocalPath = option(
         "",
         help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
         "from; its rank and layers must match this config.",

@@ -14,6 +14,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from modules.config.data_schema import DataConfig
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath
 from modules.config.lora_schema import LoRAConfig
 from modules.config.model_base import Dtype
 from modules.models.registry import DEFAULT_FAMILY, FAMILIES
@@ -217,13 +218,13 @@ class BackupConfig(Section):
 
 
 class OutputConfig(Section):
-    workspace_dir: str = option(
+    workspace_dir: LocalPath = option(
         "workspace/run",
         help="Folder for backups, samples, logs and the saved config.",
         tab="backup",
         label="Workspace",
     )
-    output_path: str = option(
+    output_path: LocalPath = option(
         "",
         help="Where the final LoRA goes; empty means <workspace>/<name>.safetensors.",
         tab="backup",
