@@ -55,8 +55,11 @@ class LoRAConfig(Section):
     )
     init_from: LocalPath = option(
         "",
-        help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
-        "from; its rank and layers must match this config.",
+        help="A LoRA .safetensors to continue training from: one of ours, or an SDXL LoRA from "
+        "sd-scripts, ai-toolkit, OneTrainer or diffusers' training scripts. Training continues "
+        "on exactly the file's layers at the file's ranks; layer_preset, layer_patterns and rank "
+        "apply only to trained parts the file has no layers for, and a part the file has layers "
+        "of must be trained (model.<part>.train).",
         tab="lora",
         label="Continue from LoRA",
     )

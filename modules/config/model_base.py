@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
 from modules.config.fields import Section, option
-from modules.config.local_paths import LocalPath
+from modules.config.local_paths import LocalPath, LocalPathOrRepoId
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -95,7 +95,7 @@ class FamilyModelConfig(Section):
     lora_formats: ClassVar[tuple[str, ...]] = ("kohya", "diffusers")
 
     family: str
-    base_model: LocalPath = option(
+    base_model: LocalPathOrRepoId = option(
         "",
         help="Base model: a local diffusers folder, a Hugging Face repo id (online only), or a "
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",

@@ -239,11 +239,12 @@ class OutputConfig(Section):
     )
     format: Literal["kohya", "diffusers"] = option(
         "kohya",
-        help="kohya: the layout A1111, Forge, ComfyUI and diffusers all load (lora_down / "
-        "lora_up / alpha keys); diffusers: the PEFT layout (lora_A / lora_B keys), which only "
-        "diffusers loads. See the README's compatibility table.",
+        help="kohya (default): lora_down / lora_up / alpha keys with the original model's layer "
+        "names, the layout A1111, Forge, ComfyUI, sd-scripts and diffusers all load. diffusers: "
+        "the diffusers/PEFT layout (lora_A / lora_B keys), which only diffusers loads; A1111, "
+        "Forge and ComfyUI miss its layers. See the README's compatibility table.",
         tab="backup",
-        label="Output format",
+        label="File layout (diffusers/PEFT: diffusers only)",
     )
     save_dtype: Dtype = option(
         "float16",

@@ -24,10 +24,10 @@ from modules.config.local_paths import shareable_config
 from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
-from modules.lora.formats import build_metadata, network_dim, save_lora
+from modules.lora.formats import LoRALayout, build_metadata, network_dim, save_lora
 from modules.lora.init_from import network_from_file
 from modules.lora.layers import LORA_ROLE_B
-from modules.lora.network import LayerCatalog, LoRANetwork
+from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
@@ -186,23 +186,7 @@ class TrainingRun:
         targets = self.family.lora_targets(self.base, config)
         layouts = self.family.lora_layouts(self.base)
         if config.lora.init_from:
-            continued = network_from_file(
-                config.lora.init_from,
-                targets=targets,
-                # every part, so a file's layers in a part this config leaves frozen are named
-                catalog=LayerCatalog(
-                    target for target, _ in self.family.lora_targets(self.base, _all_parts(config))
-                ),
-                layouts=layouts,
-                part_labels={spec.name: spec.label for spec in config.model.part_specs()},
-                model_name=config.model.family.upper(),
-                rank=config.lora.rank,
-                alpha=config.lora.alpha,
-                dropout=config.lora.dropout,
-            )
-            network = continued.network
-            if self.accelerator.is_main_process:
-                print(continued.summary, flush=True)
+            network = self._continued_network(targets, layouts)
         else:
             network = LoRANetwork.inject(
                 targets,
@@ -216,6 +200,29 @@ class TrainingRun:
             self.family.enable_gradient_checkpointing(self.base)
         self.base.train()
         return network
+
+    def _continued_network(
+        self, targets: list[tuple[LoRATarget, list[str]]], layouts: tuple[LoRALayout, ...]
+    ) -> LoRANetwork:
+        """The network of `lora.init_from`: the file's layers at its ranks, whichever trainer
+        wrote it, plus new layers for trained parts it has none of."""
+        config = self.config
+        # every part, so a file's layers in a part this config leaves frozen are named as such
+        every_part = self.family.lora_targets(self.base, _all_parts(config))
+        continued = network_from_file(
+            config.lora.init_from,
+            targets=targets,
+            catalog=LayerCatalog(target for target, _ in every_part),
+            layouts=layouts,
+            part_labels={spec.name: spec.label for spec in config.model.part_specs()},
+            model_name=config.model.family.upper(),
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+        )
+        if self.accelerator.is_main_process:
+            print(continued.summary, flush=True)
+        return continued.network
 
     def _param_groups(self) -> list[dict]:
         """One group per model part; with LoRA+ each part splits into its A and its B factors."""
