@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from modules.lora.formats import LoRALayout
+from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRANetwork
 from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import sdxl_lora_targets

@@ -22,8 +22,9 @@ from peft import LoraConfig, get_peft_model_state_dict
 
 from modules.config.loading import load_config
 from modules.errors import UserError
-from modules.lora.formats import GENERIC_LAYOUTS, read_lora_metadata, save_lora
+from modules.lora.formats import read_lora_metadata, save_lora
 from modules.lora.init_from import ContinuedNetwork, network_from_file
+from modules.lora.layouts import GENERIC_LAYOUTS
 from modules.lora.network import LayerCatalog
 from modules.models.sdxl.config import SDXLModelConfig
 from modules.models.sdxl.keys import sdxl_lora_layouts

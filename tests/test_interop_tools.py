@@ -16,7 +16,8 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from modules.lora.formats import GENERIC_LAYOUTS, save_lora
+from modules.lora.formats import save_lora
+from modules.lora.layouts import GENERIC_LAYOUTS
 from modules.lora.network import LoRANetwork
 from modules.models.sdxl.keys import UNetPaths
 from tests import interop_tools as tools

@@ -20,13 +20,8 @@ import torch
 from torch import nn
 
 from modules.errors import UserError
-from modules.lora.formats import (
-    AdapterWeights,
-    LoRALayout,
-    copy_into,
-    detect_layout,
-    read_lora_file,
-)
+from modules.lora.formats import copy_into, detect_layout, read_lora_file
+from modules.lora.layouts import AdapterWeights, LoRALayout
 from modules.lora.network import LayerCatalog, LayerRef, LoRANetwork, LoRATarget, target_layers
 
 

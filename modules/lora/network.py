@@ -13,7 +13,7 @@ from modules.errors import UserError
 from modules.lora.layers import LoRAModule, UnsupportedLayerError, lora_for
 
 if TYPE_CHECKING:
-    from modules.lora.formats import LoRALayout
+    from modules.lora.layouts import LoRALayout
 
 
 @dataclass(frozen=True)

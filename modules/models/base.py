@@ -18,7 +18,7 @@ from modules.config.model_base import FamilyModelConfig, PartSpec
 
 if TYPE_CHECKING:
     from modules.config.schema import TrainConfig
-    from modules.lora.formats import LoRALayout
+    from modules.lora.layouts import LoRALayout
     from modules.lora.network import LoRATarget
 
 

@@ -24,9 +24,10 @@ from modules.config.local_paths import shareable_config
 from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
-from modules.lora.formats import LoRALayout, build_metadata, network_dim, save_lora
+from modules.lora.formats import build_metadata, network_dim, save_lora
 from modules.lora.init_from import network_from_file
 from modules.lora.layers import LORA_ROLE_B
+from modules.lora.layouts import LoRALayout
 from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
 from modules.models.registry import get_family

@@ -10,7 +10,7 @@ from torch import nn
 
 from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
-from modules.lora.formats import LoRALayout
+from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRATarget
 from modules.models.base import Batch, FileIdentity
 from modules.models.sdxl.config import SDXLModelConfig

@@ -32,7 +32,7 @@ from typing import Any
 from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from diffusers.utils.state_dict_utils import StateDictType
 
-from modules.lora.formats import KohyaLayout, LoRALayout, NamedLayers, PeftLayout
+from modules.lora.layouts import KohyaLayout, LoRALayout, NamedLayers, PeftLayout
 from modules.models.sdxl.config import SDXLModelConfig
 
 _RESNET = {
