@@ -71,8 +71,8 @@ class _Member:
 class UNetPaths:
     """Module paths of one UNet, diffusers <-> SGM; None for a path the map does not know."""
 
-    _by_diffusers: Mapping[str, _Member]
-    _by_sgm: Mapping[str, _Member]
+    by_diffusers: Mapping[str, _Member]  # block member, e.g. "down_blocks.1.resnets.0"
+    by_sgm: Mapping[str, _Member]  # the same members, e.g. "input_blocks.4.0"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> UNetPaths:
@@ -120,8 +120,8 @@ class UNetPaths:
                     )
                 index += 1
         return cls(
-            _by_diffusers={m.diffusers: m for m in members},
-            _by_sgm={m.sgm: m for m in members},
+            by_diffusers={m.diffusers: m for m in members},
+            by_sgm={m.sgm: m for m in members},
         )
 
     def to_sgm(self, path: str) -> str | None:
@@ -129,7 +129,7 @@ class UNetPaths:
         if path in _OUTSIDE_BLOCKS:
             return _OUTSIDE_BLOCKS[path]
         match = _DIFFUSERS_MEMBER.fullmatch(path)
-        member = self._by_diffusers.get(match[1]) if match else None
+        member = self.by_diffusers.get(match[1]) if match else None
         if member is None:
             return None
         inside = _rename(match[2], member.inner)
@@ -141,7 +141,7 @@ class UNetPaths:
             if path == sgm:
                 return diffusers
         match = _SGM_MEMBER.fullmatch(path)
-        member = self._by_sgm.get(match[1]) if match else None
+        member = self.by_sgm.get(match[1]) if match else None
         if member is None:
             return None
         inverse = None if member.inner is None else {v: k for k, v in member.inner.items()}
