@@ -1,4 +1,4 @@
-"""`lora.init_from` continues LoRA files of other SDXL trainers on exactly their layers.
+"""`lora.init_from` continues LoRA files of other trainers on exactly their layers.
 
 Each file is built in its trainer's own naming: sd-scripts' from a reproduction of its network
 (tests/interop_tools.py) on the test model's original (SGM) checkpoint layout; diffusers' with
@@ -26,6 +26,9 @@ from modules.lora.formats import read_lora_metadata, save_lora
 from modules.lora.init_from import ContinuedNetwork, network_from_file
 from modules.lora.layouts import GENERIC_LAYOUTS
 from modules.lora.network import LayerCatalog
+from modules.models.flux.config import FluxModelConfig
+from modules.models.flux.layers import flux_lora_targets
+from modules.models.flux.lora_layouts import FLUX_LORA_LAYOUTS, KOHYA_FLUX
 from modules.models.sdxl.config import SDXLModelConfig
 from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import sdxl_lora_targets
@@ -407,3 +410,75 @@ def test_bad_files_are_one_clear_line(
     message = str(excinfo.value)
     assert "\n" not in message and str(file) in message
     assert expected in message
+
+
+# --- Flux: fused layers ----------------------------------------------------------------------
+
+
+def _continue_flux(flux_pipe, file: Path, *, rank: int) -> ContinuedNetwork:
+    modules = {"transformer": flux_pipe.transformer, "text_encoder": flux_pipe.text_encoder}
+    targets = flux_lora_targets(
+        modules=modules, train_parts=set(modules), layer_preset="attn", layer_patterns=[]
+    )
+    return network_from_file(
+        file,
+        targets=targets,
+        catalog=LayerCatalog(target for target, _ in targets),
+        layouts=FLUX_LORA_LAYOUTS,
+        part_labels={spec.name: spec.label for spec in FluxModelConfig.part_specs()},
+        model_name="FLUX",
+        rank=rank,
+        alpha=rank,
+        dropout=0.0,
+    )
+
+
+def test_flux_fused_layers_continue_at_the_files_ranks(
+    flux_pipe, flux_network_on, tmp_path: Path
+) -> None:
+    """sd-scripts' Flux files hold one dense LoRA per BFL layer: every member of a fused layer
+    (q, k, v, MLP input) continues at the file's rank 8, not lora.rank 4, and the fused layer's
+    delta is the file's. Our own file of only q/k/v of a single block's fused layer continues
+    on exactly those three, at their rank."""
+    named = flux_network_on(preset="attn-mlp", rank=4)
+    generator = torch.Generator().manual_seed(5)
+    tensors, fused = {}, {}
+    for stem, layer in KOHYA_FLUX.layers(named).items():
+        some = named.adapters[next(iter(layer.adapters.values()))]
+        width = some.lora_down.weight.shape[1]
+        is_fused = layer.bfl is not None and layer.bfl.fused
+        rows = sum(size for _, size in layer.rows(width)) if is_fused else some.base.out_features
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(8, width, generator=generator)
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(rows, 8, generator=generator)
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+        fused[stem] = [layer.adapters[i] for i in sorted(layer.adapters)]
+    named.detach()
+    file = tmp_path / "sd_scripts_flux.safetensors"
+    safetensors.torch.save_file(tensors, file)
+
+    continued = _continue_flux(flux_pipe, file, rank=4)
+    network = continued.network
+    try:
+        assert sorted(network.adapters) == sorted(named.adapters)
+        assert {adapter.rank for adapter in network.adapters.values()} == {8}
+        for stem, members in fused.items():
+            want = 0.25 * tensors[f"{stem}.lora_up.weight"] @ tensors[f"{stem}.lora_down.weight"]
+            got = torch.cat([network.adapters[name].merged_delta_weight() for name in members])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        network.detach()
+
+    qkv = flux_network_on(patterns=[r"re:^single_transformer_blocks\.0\.attn\.to_[qkv]$"])
+    ours = tmp_path / "ours.safetensors"
+    save_lora(qkv, ours, layout="kohya", metadata={}, dtype=torch.float32)
+    qkv.detach()
+    partial = _continue_flux(flux_pipe, ours, rank=16).network
+    try:
+        assert sorted(partial.adapters) == sorted(qkv.adapters)
+        for name, adapter in partial.adapters.items():
+            assert adapter.rank == 4
+            torch.testing.assert_close(
+                adapter.merged_delta_weight(), qkv.adapters[name].merged_delta_weight()
+            )
+    finally:
+        partial.detach()

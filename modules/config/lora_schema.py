@@ -37,11 +37,14 @@ class LoRAConfig(Section):
     layer_preset: Literal["attn", "attn-mlp", "full"] = option(
         "attn-mlp",
         help="Which layers of the denoiser (SDXL's UNet, Flux's transformer) get LoRA; the names "
-        "mean the same in every family. attn = the attention projections; attn-mlp = attention "
-        "and feed-forward layers, the set sd-scripts trains by default (for SDXL every Linear "
-        "of the transformer blocks, proj_in/proj_out included); full = every layer a LoRA can "
-        "adapt (SDXL adds the ResNet convolutions, time projections and resamplers; Flux adds "
-        "the modulation and the embedders). Text encoders take their attention and MLP layers.",
+        "mean the same in every family. attn = the attention projections (Flux: q/k/v and "
+        "outputs of the double blocks, q/k/v of the single blocks); attn-mlp = attention and "
+        "feed-forward layers (SDXL: every Linear of the transformer blocks, proj_in/proj_out "
+        "included, the set sd-scripts trains by default; Flux: adds the MLPs and the single "
+        "blocks' fused output projection, which is sd-scripts' default without the blocks' "
+        "modulation); full = every layer a LoRA can adapt (SDXL adds the ResNet convolutions, "
+        "time projections and resamplers; Flux adds the blocks' modulation, the embedders and "
+        "the final layer). Text encoders take their attention and MLP layers.",
         tab="lora",
         label="Layer preset",
     )

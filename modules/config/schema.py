@@ -184,7 +184,12 @@ class SamplingConfig(Section):
         25, help="Denoising steps per sample.", tab="sampling", label="Sampler steps", ge=1, le=1000
     )
     cfg_scale: float = option(
-        7.0, help="Classifier-free guidance scale.", tab="sampling", label="CFG scale", ge=0
+        7.0,
+        help="Classifier-free guidance scale (SDXL). For Flux.1 [dev] it is the embedded "
+        "guidance instead (3.5 is usual); [schnell] ignores it.",
+        tab="sampling",
+        label="CFG scale",
+        ge=0,
     )
     seed: int = option(
         1,
@@ -237,12 +242,14 @@ class OutputConfig(Section):
         label="Name",
         min_length=1,
     )
-    format: Literal["kohya", "diffusers"] = option(
+    format: Literal["kohya", "diffusers", "comfyui"] = option(
         "kohya",
         help="kohya (default): lora_down / lora_up / alpha keys with the original model's layer "
-        "names, the layout A1111, Forge, ComfyUI, sd-scripts and diffusers all load. diffusers: "
-        "the diffusers/PEFT layout (lora_A / lora_B keys), which only diffusers loads; A1111, "
-        "Forge and ComfyUI miss its layers. See the README's compatibility table.",
+        "names (SDXL: the original UNet's blocks; Flux: BFL's, q/k/v fused), the layout A1111, "
+        "Forge, ComfyUI, sd-scripts and diffusers all load. diffusers: the diffusers/PEFT layout "
+        "(lora_A / lora_B keys), which only diffusers loads; A1111, Forge and ComfyUI miss its "
+        "layers. comfyui (Flux only): ComfyUI's own diffusion_model.* keys. See the README's "
+        "compatibility table.",
         tab="backup",
         label="File layout (diffusers/PEFT: diffusers only)",
     )

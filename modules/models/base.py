@@ -112,6 +112,10 @@ class ModelFamily(Protocol):
     def encode_text(self, model: nn.Module, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs, first dimension per caption; training_loss reads Batch.text."""
 
+    def text_cache_key(self, model: nn.Module) -> str:
+        """What besides the text encoders' weights shapes encode_text's outputs (e.g. a token
+        length); it keys the text cache, so "" when nothing does."""
+
     def latent_encoder(self, model: nn.Module) -> nn.Module:
         """The module encode_latents runs (the VAE), to fingerprint and offload it."""
 
