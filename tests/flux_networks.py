@@ -10,7 +10,7 @@ from transformers import CLIPTextModel
 from modules.lora.network import LoRANetwork
 from modules.models.flux.flow import image_ids, text_ids
 from modules.models.flux.layers import flux_lora_targets
-from modules.models.registry import get_family
+from modules.models.flux.lora_layouts import FLUX_LORA_LAYOUTS
 
 PRESETS = ["attn", "attn-mlp", "full"]
 BOTH_PARTS = ("transformer", "text_encoder")
@@ -34,7 +34,7 @@ def make_network(
         layer_patterns=patterns or [],
     )
     network = LoRANetwork.inject(
-        targets, rank=rank, alpha=alpha, dropout=0.0, layouts=get_family("flux").lora_layouts()
+        targets, rank=rank, alpha=alpha, dropout=0.0, layouts=FLUX_LORA_LAYOUTS
     )
     if seed is None:
         return network

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
+from modules.config.local_paths import shareable_config
 from modules.errors import RunError, UserError
 from modules.training.trainer import TrainingRun, train
 from tests.helpers import StopAtStep, TinyModel, tiny_config
@@ -92,7 +93,15 @@ def test_saved_lora_carries_resolved_config(
     result = train(config)
     with safe_open(result.paths.output, "pt") as handle:
         metadata = handle.metadata()
-    assert json.loads(metadata["geodesic.config"]) == config.model_dump(mode="json")
+    # the training settings travel with the file, the user's folders only in the workspace
+    embedded = json.loads(metadata["geodesic.config"])
+    assert embedded == shareable_config(config)
+    assert embedded["data"]["concepts"][0]["path"] == embedded["model"]["base_model"] == ""
+    assert embedded["lora"] == config.lora.model_dump(mode="json")
+    for folder in (tiny_model.path, tiny_dataset_path, tmp_path):
+        assert str(folder) not in json.dumps(metadata)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["data"]["concepts"][0]["path"] == str(tiny_dataset_path)
     assert metadata["ss_network_dim"] == "4"
     version, architecture = IDENTITY[tiny_model.family]
     assert metadata["ss_base_model_version"] == version
@@ -288,16 +297,24 @@ def test_continue_training_from_a_saved_lora(
     assert all(moved)
 
 
-def test_continue_from_a_lora_of_another_rank_names_the_key(
+def test_continue_from_a_lora_of_another_rank_keeps_the_files_rank(
     tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
+    """A LoRA's rank is its own: continuing it trains on at that rank (lora.rank is for new
+    layers), and the saved file says so."""
     first = tiny_model.config(tiny_dataset_path, tmp_path / "a", training={"max_steps": 1})
     saved = train(load_config(raw=first)).paths.output
     second = tiny_model.config(
-        tiny_dataset_path, tmp_path / "b", lora={"rank": 8, "alpha": 8, "init_from": str(saved)}
+        tiny_dataset_path,
+        tmp_path / "b",
+        lora={"rank": 8, "alpha": 8, "init_from": str(saved)},
+        training={"max_steps": 1},
     )
-    with pytest.raises(UserError, match=r"key 'lora_unet_.*' has shape .*rank"):
-        TrainingRun(load_config(raw=second))
+    result = train(load_config(raw=second))
+    with safe_open(result.paths.output, "pt") as handle:
+        assert handle.metadata()["ss_network_dim"] == "4"
+    before, after = load_file(saved), load_file(result.paths.output)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
 
 
 def test_bad_optimizer_extra_kwargs_is_a_user_error(

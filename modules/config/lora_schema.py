@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath
 
 
 class LoRAConfig(Section):
@@ -55,10 +56,13 @@ class LoRAConfig(Section):
         label="Layer patterns",
         advanced=True,
     )
-    init_from: str = option(
+    init_from: LocalPath = option(
         "",
-        help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
-        "from; its rank and layers must match this config.",
+        help="A LoRA .safetensors to continue training from: one of ours, or an SDXL LoRA from "
+        "sd-scripts, ai-toolkit, OneTrainer or diffusers' training scripts. Training continues "
+        "on exactly the file's layers at the file's ranks; layer_preset, layer_patterns and rank "
+        "apply only to trained parts the file has no layers for, and a part the file has layers "
+        "of must be trained (model.<part>.train).",
         tab="lora",
         label="Continue from LoRA",
     )

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath, LocalPathOrRepoId
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -94,14 +95,14 @@ class FamilyModelConfig(Section):
     lora_formats: ClassVar[tuple[str, ...]] = ("kohya", "diffusers")
 
     family: str
-    base_model: str = option(
+    base_model: LocalPathOrRepoId = option(
         "",
         help="Base model: a local diffusers folder, a Hugging Face repo id (online only), or a "
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
         tab="model",
         label="Base model",
     )
-    single_file_config: str = option(
+    single_file_config: LocalPath = option(
         "",
         help="For single-file checkpoints: a local diffusers folder of the same architecture "
         "whose configs, tokenizers and missing parts are used (SDXL: needed offline; Flux: "

@@ -19,7 +19,7 @@ from modules.config.model_base import FamilyModelConfig, PartSpec
 
 if TYPE_CHECKING:
     from modules.config.schema import TrainConfig
-    from modules.lora.formats import LoRALayout
+    from modules.lora.layouts import LoRALayout
     from modules.lora.network import LoRATarget
 
 
@@ -109,8 +109,9 @@ class ModelFamily(Protocol):
     def parts(self) -> list[PartSpec]:
         """The base model's parts (from `config_class`), in declaration order."""
 
-    def lora_layouts(self) -> tuple[LoRALayout, ...]:
-        """The LoRA file layouts it writes and reads, named as `config_class.lora_formats`."""
+    def lora_layouts(self, model: nn.Module) -> tuple[LoRALayout, ...]:
+        """The LoRA file layouts it writes and reads for the loaded `model`, named as
+        `config_class.lora_formats`; other trainers' names for a layer are read too."""
 
     def load(self, config: TrainConfig) -> nn.Module:
         """Load the base model parts as one module (frozen, in their weight dtypes)."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
-from modules.lora.formats import LoRALayout, PeftLayout
+from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRATarget
 from modules.models.base import Batch, FileIdentity, MemoryProfile
 from modules.models.flux.config import FluxModelConfig
@@ -26,7 +26,7 @@ from modules.models.flux.flow import (
 )
 from modules.models.flux.layers import TRANSFORMER_LAYER_PRESETS, flux_lora_targets
 from modules.models.flux.loading import load_flux_pipeline
-from modules.models.flux.lora_layouts import COMFYUI_FLUX, KOHYA_FLUX, DiffusersNamedKohyaLayout
+from modules.models.flux.lora_layouts import FLUX_LORA_LAYOUTS
 from modules.models.flux.memory import apply_memory_settings, memory_profile
 from modules.models.losses import masked_mse
 from modules.models.offload import BlockOffloader
@@ -119,9 +119,8 @@ class FluxFamily:
     def parts(self) -> list[PartSpec]:
         return FluxModelConfig.part_specs()
 
-    def lora_layouts(self) -> tuple[LoRALayout, ...]:
-        # detection order: OneTrainer's diffusers-named kohya keys before BFL's kohya names
-        return (DiffusersNamedKohyaLayout(), KOHYA_FLUX, COMFYUI_FLUX, PeftLayout())
+    def lora_layouts(self, model: FluxBase) -> tuple[LoRALayout, ...]:
+        return FLUX_LORA_LAYOUTS
 
     def load(self, config: TrainConfig) -> FluxBase:
         settings = config.model

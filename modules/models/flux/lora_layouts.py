@@ -24,17 +24,18 @@ from pathlib import Path
 import torch
 
 from modules.errors import UserError
-from modules.lora.formats import (
+from modules.lora.layers import LoRAModule
+from modules.lora.layouts import (
     KOHYA_ALPHA,
     KOHYA_DOWN,
     KOHYA_UP,
     AdapterWeights,
+    DecodedFile,
     KohyaLayout,
-    missing_key_error,
+    NamedLayers,
+    PeftLayout,
     to_file,
-    unknown_key_error,
 )
-from modules.lora.layers import LoRAModule
 from modules.lora.network import LoRANetwork
 from modules.models.flux.keys import BFLLayer, bfl_layer
 
@@ -74,7 +75,7 @@ class BFLLayout:
         *,
         name: str,
         transformer_stem: Callable[[str], str],
-        text_stem: Callable[[LoRANetwork, str], str],
+        text_stem: Callable[[NamedLayers, str], str],
         prefixes: tuple[str, ...],
     ) -> None:
         self.name = name
@@ -85,13 +86,16 @@ class BFLLayout:
     def recognises(self, keys: Collection[str]) -> bool:
         return any(key.startswith(self._prefixes) and key.endswith(KOHYA_DOWN) for key in keys)
 
-    def layers(self, network: LoRANetwork) -> dict[str, _FileLayer]:
-        """The file's LoRAs for this network, by stem."""
+    def layers(self, network: NamedLayers, *, strict: bool = True) -> dict[str, _FileLayer]:
+        """The file's LoRAs for these layers, by stem; a transformer layer BFL has no name for
+        is an error when writing (`strict`), and no LoRA of a file when reading."""
         layers: dict[str, _FileLayer] = {}
-        for name in network.adapters:
+        for name in network.part_of:
             layer = bfl_layer(network.module_path[name]) if _is_transformer(network, name) else None
             if layer is None:
                 if _is_transformer(network, name):
+                    if not strict:
+                        continue
                     raise UserError(
                         f"LoRA layer {network.module_path[name]!r} has no name in BFL's Flux "
                         "checkpoints; save with output.format diffusers or leave it out of "
@@ -120,41 +124,46 @@ class BFLLayout:
 
     def decode(
         self,
-        network: LoRANetwork,
+        layers: NamedLayers,
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, str],
         *,
         path: Path,
-    ) -> dict[str, AdapterWeights]:
-        layers = self.layers(network)
+    ) -> DecodedFile:
+        file_layers = self.layers(layers, strict=False)
+        stems: set[str] = set()  # the file's LoRAs that name a layer
+        unknown = []
         for key in sorted(tensors):
-            suffix = next((end for end in _SUFFIXES if key.endswith(end)), None)
-            if suffix is None or key.removesuffix(suffix) not in layers:
-                raise unknown_key_error(path, key)
+            suffix = next((end for end in _SUFFIXES if key.endswith(end)), "")
+            if not suffix or key.removesuffix(suffix) not in file_layers:
+                unknown.append(key)
+                continue
+            stems.add(key.removesuffix(suffix))
         decoded: dict[str, AdapterWeights] = {}
-        for stem, layer in layers.items():
+        for stem in sorted(stems):
             down_key, up_key = stem + KOHYA_DOWN, stem + KOHYA_UP
             for key in (down_key, up_key):
                 if key not in tensors:
-                    raise missing_key_error(path, key)
+                    raise UserError(f"{path}: key {key!r} is missing; the file is cut short")
             down, up = tensors[down_key], tensors[up_key]
             rank = down.shape[0]
             alpha = tensors.get(stem + KOHYA_ALPHA, torch.tensor(float(rank)))
             if alpha.numel() != 1 or not torch.isfinite(alpha).all():
                 raise UserError(f"{path}: key {stem + KOHYA_ALPHA!r} should be one finite number")
+            layer = file_layers[stem]
             if layer.bfl is not None and layer.bfl.swap_halves:
                 up = _swap_halves(up)
-            split = _split(layer, network, down, up, path=path, keys=(down_key, up_key))
+            split = _split(layer, layers, down, up, path=path, keys=(down_key, up_key))
             for name, (member_down, member_up) in split.items():
                 # the file's scale alpha / rank, kept by each adapter at its own rank
                 member_alpha = alpha.reshape(()).float() * member_down.shape[0] / rank
                 decoded[name] = AdapterWeights(
                     down=member_down, up=member_up, alpha=member_alpha, keys=(down_key, up_key)
                 )
-        return decoded
+        return DecodedFile(weights=decoded, unknown=unknown)
 
 
-def _is_transformer(network: LoRANetwork, name: str) -> bool:
+def _is_transformer(network: NamedLayers, name: str) -> bool:
     return network.part_of[name] == "transformer"
 
 
@@ -191,22 +200,34 @@ def _fuse(
 
 def _split(
     layer: _FileLayer,
-    network: LoRANetwork,
+    layers: NamedLayers,
     down: torch.Tensor,
     up: torch.Tensor,
     *,
     path: Path,
     keys: tuple[str, str],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Adapter name -> (A, B) from the file's LoRA of this layer (see the module docstring)."""
+    """Adapter name -> (A, B) from the file's LoRA of this layer (see the module docstring).
+
+    Into a network the adapters' ranks say how; against every layer of the model
+    (`lora.init_from`, no adapters yet) the file does: members whose rows of B are all zero
+    were not trained, and the others split as ours when B is block-diagonal among them."""
     members = sorted(layer.adapters.items())
     if layer.bfl is None or not layer.bfl.fused:
         return {members[0][1]: (down, up)}
     rank = down.shape[0]
-    ranks = [network.adapters[name].rank for _, name in members]
     rows = layer.rows(down.shape[1])
     if up.shape != (sum(size for _, size in rows), rank):
         return {name: (down, up) for _, name in members}  # the shape check names the key
+    if not isinstance(layers, LoRANetwork):
+        trained = [(m, name) for m, name in members if up[slice(*_span(rows[m]))].any()]
+        members = trained or members
+        block = rank // len(members)
+        ranks = (
+            [block] * len(members) if _block_diagonal(up, rows, members) else [rank] * len(members)
+        )
+    else:
+        ranks = [layers.adapters[name].rank for _, name in members]
     outside = torch.ones_like(up, dtype=torch.bool)  # entries no adapter of ours covers
     if rank == sum(ranks):  # ours: A stacked, B block-diagonal
         column, split = 0, {}
@@ -244,6 +265,11 @@ def _split(
     )
 
 
+def _span(row: tuple[int, int]) -> tuple[int, int]:
+    start, size = row
+    return start, start + size
+
+
 def _block_diagonal(
     up: torch.Tensor, rows: list[tuple[int, int]], members: list[tuple[int, str]]
 ) -> bool:
@@ -257,11 +283,11 @@ def _block_diagonal(
     return not up[~covered].any()
 
 
-def _kohya_text_stem(network: LoRANetwork, name: str) -> str:
+def _kohya_text_stem(network: NamedLayers, name: str) -> str:
     return name  # the adapter's own kohya name: lora_te1_text_model_encoder_layers_0_...
 
 
-def _comfyui_text_stem(network: LoRANetwork, name: str) -> str:
+def _comfyui_text_stem(network: NamedLayers, name: str) -> str:
     return f"text_encoders.clip_l.transformer.{network.export_path[name]}"
 
 
@@ -287,3 +313,7 @@ class DiffusersNamedKohyaLayout(KohyaLayout):
 
     def recognises(self, keys: Collection[str]) -> bool:
         return any(key.startswith("lora_transformer_") for key in keys)
+
+
+# detection order: OneTrainer's diffusers-named kohya keys before BFL's kohya names
+FLUX_LORA_LAYOUTS = (DiffusersNamedKohyaLayout(), KOHYA_FLUX, COMFYUI_FLUX, PeftLayout())

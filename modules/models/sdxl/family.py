@@ -9,12 +9,13 @@ from torch import nn
 
 from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
-from modules.lora.formats import GENERIC_LAYOUTS, LoRALayout
+from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRATarget
 from modules.models.base import Batch, FileIdentity, MemoryProfile, WeightGroup
 from modules.models.losses import masked_mse
 from modules.models.meta import meta_copy
 from modules.models.sdxl.config import SDXLModelConfig
+from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
 from modules.models.sdxl.loading import load_sdxl_pipeline
 from modules.util.dtypes import DTYPES
@@ -48,8 +49,9 @@ class SDXLFamily:
     def parts(self) -> list[PartSpec]:
         return SDXLModelConfig.part_specs()
 
-    def lora_layouts(self) -> tuple[LoRALayout, ...]:
-        return GENERIC_LAYOUTS
+    def lora_layouts(self, model: SDXLBase) -> tuple[LoRALayout, ...]:
+        """kohya with the original (SGM) UNet names sd-scripts needs, and diffusers/PEFT."""
+        return sdxl_lora_layouts(model.unet.config)
 
     def load(self, config: TrainConfig) -> SDXLBase:
         pipe = load_sdxl_pipeline(config.model)
