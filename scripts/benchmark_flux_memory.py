@@ -42,85 +42,7 @@ from modules.util.markdown_section import report_benchmark
 
 GIB = 2**30
 
-# The published configs of the models (their config.json files), so nothing is downloaded.
-FLUX_DEV_TRANSFORMER = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
-CLIP_L = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-OPEN_CLIP_G = {
-    **CLIP_L,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
-T5_XXL = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "feed_forward_proj": "gated-gelu",
-    "tie_word_embeddings": False,
-}
-VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-}
-FLUX_VAE = {
-    **VAE,
-    "latent_channels": 16,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-SDXL_VAE = {**VAE, "latent_channels": 4, "scaling_factor": 0.13025}
-SDXL_UNET = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "sample_size": 128,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
-}
-# what stays unquantized in Flux (as the family keeps it): embedders and the output layers
+# GiB each setting should stay under (issue 22)
 TARGETS = {"flux 8-bit": 16, "flux nf4": 12, "flux offload": 8, "sdxl": 8}
 
 
@@ -171,29 +93,7 @@ def config_for(setting: Setting, *, resolution: int, batch: int):
 
 def meta_base(family: str) -> SimpleNamespace:
     """The model's modules at full size on the meta device (as `family.load` names them)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
-
-    with torch.device("meta"):
-        if family == "flux":
-            return SimpleNamespace(
-                transformer=FluxTransformer2DModel.from_config(FLUX_DEV_TRANSFORMER),
-                text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-                text_encoder_2=T5EncoderModel(T5Config(**T5_XXL)),
-                vae=AutoencoderKL.from_config(FLUX_VAE),
-            )
-        return SimpleNamespace(
-            unet=UNet2DConditionModel.from_config(SDXL_UNET),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_G)),
-            vae=AutoencoderKL.from_config(SDXL_VAE),
-        )
+    return get_family(family).meta_model(load_config(raw={}), reference=True)
 
 
 def estimates(rows: list[Setting], *, resolution: int, batch: int) -> dict[str, MemoryEstimate]:

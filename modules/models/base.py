@@ -104,6 +104,7 @@ class ModelFamily(Protocol):
     # lora.layer_preset -> the layer patterns of its denoiser (the names mean the same in every
     # family: attn, attn-mlp, full); text encoders take their attention and MLP layers
     layer_presets: dict[str, list[str]]
+    reference_model: str  # whose shapes `meta_model(reference=True)` builds: "FLUX.1 [dev]"
 
     @property
     def parts(self) -> list[PartSpec]:
@@ -158,6 +159,11 @@ class ModelFamily(Protocol):
 
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
         """Turn on activation checkpointing in the trainable parts."""
+
+    def meta_model(self, config: TrainConfig, *, reference: bool = False) -> Any:
+        """The base model's modules, named as `load` names them, on the meta device: from
+        `model.base_model`'s config files alone (no weights read), or at `reference_model`'s
+        published shapes. The memory estimate without a loaded model (the GUI) runs on it."""
 
     def memory_profile(self, model: nn.Module, config: TrainConfig) -> MemoryProfile:
         """Meta-device copies of the base model's modules as `config` trains them, for the

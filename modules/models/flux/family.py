@@ -25,7 +25,7 @@ from modules.models.flux.flow import (
     unpack_latents,
 )
 from modules.models.flux.layers import TRANSFORMER_LAYER_PRESETS, flux_lora_targets
-from modules.models.flux.loading import load_flux_pipeline
+from modules.models.flux.loading import load_flux_pipeline, meta_flux
 from modules.models.flux.lora_layouts import FLUX_LORA_LAYOUTS
 from modules.models.flux.memory import apply_memory_settings, memory_profile
 from modules.models.losses import masked_mse
@@ -114,6 +114,7 @@ class FluxFamily:
     identity = DEV  # set from the loaded transformer by `load` ([schnell] has no guidance)
     latent_multiple = 64  # 8x VAE and 2x2 packing need 16; buckets step by 64 as for SDXL
     layer_presets = TRANSFORMER_LAYER_PRESETS
+    reference_model = "FLUX.1 [dev]"
 
     @property
     def parts(self) -> list[PartSpec]:
@@ -146,6 +147,9 @@ class FluxFamily:
             layer_preset=config.lora.layer_preset,
             layer_patterns=config.lora.layer_patterns,
         )
+
+    def meta_model(self, config: TrainConfig, *, reference: bool = False) -> Any:
+        return meta_flux(config.model, reference=reference)
 
     def memory_profile(self, model: FluxBase, config: TrainConfig) -> MemoryProfile:
         return memory_profile(model, config)

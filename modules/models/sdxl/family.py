@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.training_utils import compute_snr
@@ -17,7 +19,7 @@ from modules.models.meta import meta_copy
 from modules.models.sdxl.config import SDXLModelConfig
 from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
-from modules.models.sdxl.loading import load_sdxl_pipeline
+from modules.models.sdxl.loading import load_sdxl_pipeline, meta_sdxl
 from modules.util.dtypes import DTYPES
 
 
@@ -44,6 +46,7 @@ class SDXLFamily:
     )
     latent_multiple = 64
     layer_presets = UNET_LAYER_PRESETS
+    reference_model = "SDXL base 1.0"
 
     @property
     def parts(self) -> list[PartSpec]:
@@ -190,6 +193,9 @@ class SDXLFamily:
         if batch.loss_weights is not None:
             loss = loss * batch.loss_weights.to(device)
         return loss.mean()
+
+    def meta_model(self, config: TrainConfig, *, reference: bool = False) -> SimpleNamespace:
+        return meta_sdxl(config.model, reference=reference)
 
     def memory_profile(self, model: SDXLBase, config: TrainConfig) -> MemoryProfile:
         copies = {name: meta_copy(getattr(model, name)) for name in (*config.model.parts(), "vae")}
