@@ -40,7 +40,7 @@ def memory_estimate_lines(config: TrainConfig) -> list[str]:
     A model the estimate cannot handle gives one line saying why instead."""
     try:
         estimate, source = estimate_for_config(config)
-    except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
+    except (UserError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"no memory estimate for this model: {reason}"]
     return [source, *estimate.lines()]
