@@ -246,12 +246,13 @@ class OutputConfig(Section):
         "kohya",
         help="kohya (default): lora_down / lora_up / alpha keys with the original model's layer "
         "names (SDXL: the original UNet's blocks; Flux: BFL's, q/k/v fused), the layout A1111, "
-        "Forge, ComfyUI, sd-scripts and diffusers all load. diffusers: the diffusers/PEFT layout "
-        "(lora_A / lora_B keys), which only diffusers loads; A1111, Forge and ComfyUI miss its "
-        "layers. comfyui (Flux only): ComfyUI's own diffusion_model.* keys. See the README's "
-        "compatibility table.",
+        "Forge, ComfyUI, sd-scripts and diffusers load. diffusers: the diffusers/PEFT layout "
+        "(lora_A / lora_B keys) for diffusers pipelines; for SDXL only diffusers loads it (A1111, "
+        "Forge and ComfyUI miss its layers, sd-scripts ignores them). comfyui (Flux only): "
+        "ComfyUI's own diffusion_model.* keys. The README's LoRA files section says which tool "
+        "loads which layout.",
         tab="backup",
-        label="File layout (diffusers/PEFT: diffusers only)",
+        label="File layout (diffusers/PEFT: for diffusers)",
     )
     save_dtype: Dtype = option(
         "float16",
