@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +25,9 @@ UNSUPPORTED_SUFFIXES = {
     ".avif", ".cr2", ".dng", ".gif", ".heic", ".heif", ".ico", ".jp2", ".jxl", ".nef", ".psd",
     ".svg", ".tga", ".tif", ".tiff",
 }  # fmt: skip
+# Pillow's warning for images over ~89 Mpx: the scan judges such files itself (JPEGs decode at
+# reduced scale; headers promising more pixels than the data holds are skipped and reported)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 FORMATS = {"BMP", "JPEG", "MPO", "PNG", "WEBP"}  # MPO: the multi-picture JPEG of many cameras
 MASK_SUFFIX = "-mask"
 # The most pixels a byte of each format can encode: a JPEG codes at least one bit per 8x8 block

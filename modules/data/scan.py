@@ -98,7 +98,8 @@ class Dataset:
     def fingerprint(self) -> dict[str, Any]:
         """The trained images by content and concept: a backup stores it, so a resume on a
         changed dataset can say so."""
-        records = sorted({(s.record.concept, s.record.sha256) for s in self.samples})
+        unique = {s.record for s in self.samples}  # a sample per training resolution
+        records = sorted((record.concept, record.sha256) for record in unique)
         digest = hashlib.sha256("".join(f"{c}:{h}\n" for c, h in records).encode())
         return {"images": len(records), "sha256": digest.hexdigest()}
 
@@ -188,17 +189,18 @@ def _list_files(folder: Path, *, recursive: bool) -> tuple[list[Path], list[Skip
     (unsupported formats, broken links, FIFOs), sorted."""
     walk = folder.rglob("*") if recursive else folder.iterdir()
     entries = sorted(p for p in walk if not _hidden(p, folder))
-    imagelike = IMAGE_SUFFIXES + tuple(UNSUPPORTED_SUFFIXES)
-    odd = [(p, _not_a_file(p)) for p in entries if p.suffix.lower() in imagelike]
-    broken = [Skipped(p, reason) for p, reason in odd if reason is not None]
     files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     stems = {p.with_suffix("") for p in images}
-    masks = {
-        p
-        for p in images
-        if p.stem.endswith(MASK_SUFFIX) and p.parent / p.stem[: -len(MASK_SUFFIX)] in stems
-    }
+
+    def is_mask(path: Path) -> bool:  # the scan reports a mask with its image
+        stem = path.stem.removesuffix(MASK_SUFFIX)
+        return stem != path.stem and path.parent / stem in stems
+
+    masks = {p for p in images if is_mask(p)}
+    imagelike = IMAGE_SUFFIXES + tuple(UNSUPPORTED_SUFFIXES)
+    odd = [(p, _not_a_file(p)) for p in entries if p.suffix.lower() in imagelike]
+    broken = [Skipped(p, reason) for p, reason in odd if reason is not None and not is_mask(p)]
     skipped = [
         Skipped(p, f"unsupported format ({p.suffix.lower()}); convert it to png or jpg")
         for p in files

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,14 @@ class TrainingState:
 
 @dataclass(frozen=True)
 class Backup:
-    """A backup folder whose files matched their checksums when it was opened."""
+    """A backup's content, read after its files matched their checksums."""
 
     path: Path
-    step: int
     config_json: str  # the config the run had when it wrote the backup
     dataset: dict[str, Any] | None  # the training images' fingerprint (scan.Dataset.fingerprint)
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    optimizer_state: dict[str, Any] = field(repr=False)
+    saved: dict[str, Any] = field(repr=False)  # state.pt: progress, scheduler, scaler, RNG, ...
 
 
 def backups_dir(workspace: Path) -> Path:
@@ -166,8 +168,8 @@ class DamagedBackupError(UserError):
 
     def __init__(self, path: Path, problem: str) -> None:
         older = [p for p in _backups_in(path.parent) if p.name < path.name]
-        way = f"resume from an older one (--resume {older[-1]})" if older else "start anew"
-        super().__init__(f"backup {path}: {problem}; {way} or start without --resume")
+        way = f"resume from an older one (--resume {older[-1]}) or " if older else ""
+        super().__init__(f"backup {path}: {problem}; {way}start without --resume")
 
 
 def _sha256(path: Path) -> str:
@@ -178,80 +180,70 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def open_backup(path: Path) -> Backup:
-    """Check every file of the backup at `path` against its manifest; UserError naming the
-    first that is missing, changed or damaged."""
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest with its files checked against their checksums; None for a backup written
+    before backups had one."""
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
         listed = {
-            name: (str(entry["sha256"]), int(entry["bytes"])) for name, entry in files.items()
+            name: (str(e["sha256"]), int(e["bytes"])) for name, e in manifest["files"].items()
         }
-        step = int(manifest["step"])
     except FileNotFoundError:
-        manifest, listed, step = None, None, None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise DamagedBackupError(
-            path, f"{MANIFEST} is damaged (not the manifest a backup writes)"
-        ) from None
-    if listed is None:
         log.warning(
-            "backup %s has no %s (written by an older version): its files are not "
-            "checked against checksums",
+            "backup %s has no %s (an older version wrote it): its files are not checked "
+            "against checksums",
             path,
             MANIFEST,
         )
-    else:
-        for name in (WEIGHTS, OPTIMIZER, STATE, CONFIG):
-            if name not in listed:
-                raise DamagedBackupError(path, f"{MANIFEST} does not list {name}")
-        for name, (sha256, size) in listed.items():
-            file = path / name
-            try:
-                actual = (file.stat().st_size, _sha256(file))
-            except FileNotFoundError:
-                raise DamagedBackupError(path, f"{name} is missing") from None
-            except OSError as error:
-                raise DamagedBackupError(
-                    path, f"{name} cannot be read ({error.strerror or error})"
-                ) from None
-            if actual != (size, sha256):
-                what = f"{actual[0]} bytes instead of {size}" if actual[0] != size else "changed"
-                raise DamagedBackupError(
-                    path, f"{name} is damaged ({what}; its checksum does not match)"
-                )
-    try:
-        config_json = (path / CONFIG).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DamagedBackupError(path, f"{CONFIG} cannot be read ({error})") from None
-    dataset = manifest.get("dataset") if manifest else None
-    return Backup(path=path, step=step or 0, config_json=config_json, dataset=dataset)
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DamagedBackupError(path, f"{MANIFEST} is damaged") from None
+    for name in (WEIGHTS, OPTIMIZER, STATE, CONFIG):
+        if name not in listed:
+            raise DamagedBackupError(path, f"{MANIFEST} does not list {name}")
+    for name, (sha256, size) in listed.items():
+        try:
+            actual = ((path / name).stat().st_size, _sha256(path / name))
+        except FileNotFoundError:
+            raise DamagedBackupError(path, f"{name} is missing") from None
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise DamagedBackupError(path, f"{name} cannot be read ({reason})") from None
+        if actual != (size, sha256):
+            what = f"{actual[0]} bytes, written as {size}" if actual[0] != size else "changed"
+            raise DamagedBackupError(path, f"{name} is damaged ({what}: checksum mismatch)")
+    return manifest
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load(path: Path, name: str, loader: Callable[[Path], Any]) -> Any:
     try:
         return loader(path / name)
     except Exception as error:  # any parser failure means the same: the file is unusable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DamagedBackupError(path, f"{name} cannot be read ({reason})") from None
+        raise DamagedBackupError(path, f"{name} cannot be read ({_first_line(error)})") from None
 
 
 def _torch_load(file: Path) -> Any:
     return torch.load(file, weights_only=True, map_location="cpu")
 
 
-def read_backup(state: TrainingState, backup: Backup, *, settings: Collection[str]) -> None:
-    """Restore `state` in place from an opened backup.
+def _read_text(file: Path) -> str:
+    return file.read_text(encoding="utf-8")
 
-    The optimizer's state (its moments, and whatever it learns on its own such as Prodigy's
-    step size) comes from the backup; its `settings` (the param-group keys the config sets) and
-    the learning rates stay as configured now, so a changed learning rate applies from the
-    resumed step on, at the scheduler's place in its schedule.
-    """
-    path = backup.path
+
+def open_backup(path: Path) -> Backup:
+    """Read the backup at `path`, its files checked against the manifest and parsed; a
+    DamagedBackupError (a UserError) names the first file that is missing, changed or not what
+    a backup holds. Runs before any model loads."""
+    manifest = _read_manifest(path)
     weights = _load(path, WEIGHTS, safetensors.torch.load_file)
     optimizer_state = _load(path, OPTIMIZER, _torch_load)
     saved = _load(path, STATE, _torch_load)
+    config_json = _load(path, CONFIG, _read_text)
     if not (
         isinstance(optimizer_state, dict) and {"state", "param_groups"} <= optimizer_state.keys()
     ):
@@ -264,14 +256,33 @@ def read_backup(state: TrainingState, backup: Backup, *, settings: Collection[st
         raise DamagedBackupError(
             path, f"{WEIGHTS} holds inf/NaN in {len(bad)} of {len(weights)} tensors"
         )
+    return Backup(
+        path=path,
+        config_json=config_json,
+        dataset=manifest.get("dataset") if manifest else None,
+        weights=weights,
+        optimizer_state=optimizer_state,
+        saved=saved,
+    )
+
+
+def read_backup(state: TrainingState, backup: Backup, *, settings: Collection[str]) -> None:
+    """Restore `state` in place from an opened backup.
+
+    The optimizer's state (its moments, and whatever it learns on its own such as Prodigy's
+    step size) comes from the backup; its `settings` (the param-group keys the config sets) and
+    the learning rates stay as configured now, so a changed learning rate applies from the
+    resumed step on, at the scheduler's place in its schedule.
+    """
+    path, saved = backup.path, backup.saved
     try:
-        state.network.load_state_dict(weights)
+        state.network.load_state_dict(backup.weights)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise UserError(f"backup {path} does not match this config's LoRA: {first}") from None
     configured = [dict(group) for group in state.optimizer.param_groups]
     try:
-        state.optimizer.load_state_dict(optimizer_state)
+        state.optimizer.load_state_dict(backup.optimizer_state)
         _apply_settings(state, configured, settings=settings, scheduler_state=saved["scheduler"])
         if state.scaler is not None and saved["scaler"] is not None:
             state.scaler.load_state_dict(saved["scaler"])
@@ -282,8 +293,8 @@ def read_backup(state: TrainingState, backup: Backup, *, settings: Collection[st
             state.preconditioner.load_state_dict(saved["preconditioner"])
         progress = Progress(**{f.name: int(saved["progress"][f.name]) for f in fields(Progress)})
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DamagedBackupError(path, f"its state does not fit this run ({reason})") from None
+        problem = f"its state does not fit this run ({_first_line(error)})"
+        raise DamagedBackupError(path, problem) from None
     state.progress.step = progress.step
     state.progress.micro_batches = progress.micro_batches
     state.progress.skipped_steps = progress.skipped_steps

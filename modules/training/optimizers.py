@@ -61,15 +61,28 @@ OPTIMIZERS: dict[
 }
 
 
+# optimizer arguments that config fields set: extra_kwargs may not set them a second time
+FIELD_OF_ARGUMENT = {
+    "lr": "optimizer.learning_rate",
+    "weight_decay": "optimizer.weight_decay",
+    "betas": "optimizer.betas",
+    "eps": "optimizer.eps",
+    "momentum": "optimizer.momentum",
+    "nesterov": "optimizer.nesterov",
+}
+
+
 def optimizer_kwargs(config: OptimizerConfig) -> dict[str, Any]:
     """Keyword arguments of the configured optimizer class: its settings from the config."""
     _, fields = OPTIMIZERS[config.name]
-    return {
-        "lr": config.learning_rate,
-        "weight_decay": config.weight_decay,
-        **fields(config),
-        **config.extra_kwargs,
-    }
+    kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay, **fields(config)}
+    for key in config.extra_kwargs.keys() & kwargs.keys():
+        owner = FIELD_OF_ARGUMENT.get(key)
+        fix = f"set {owner} instead" if owner else f"Geodesic fixes it for {config.name}"
+        raise UserError(
+            f"optimizer.extra_kwargs sets {key!r}, which the config already passes; {fix}"
+        )
+    return {**kwargs, **config.extra_kwargs}
 
 
 def create_optimizer(
@@ -86,9 +99,9 @@ def create_optimizer(
 
 
 def check_optimizer(config: OptimizerConfig, device: torch.device) -> None:
-    """Build the optimizer on a two-element parameter and take one step, so an `extra_kwargs`
-    value it rejects (at construction or only at its first step, as a wrong type does) is a
-    UserError now rather than a traceback after the model has loaded."""
+    """Build the optimizer on a two-element parameter and take two steps, so an `extra_kwargs`
+    value it rejects (at construction, or only once its state exists, as SGD's dampening of a
+    wrong type does at the second step) is a UserError now, not a traceback mid-run."""
     if not config.extra_kwargs:
         return
     parameter = torch.nn.Parameter(torch.ones(2, device=device))
@@ -96,10 +109,11 @@ def check_optimizer(config: OptimizerConfig, device: torch.device) -> None:
     optimizer = create_optimizer(config, [{"params": [parameter]}])
     try:
         optimizer.step()
+        optimizer.step()
     except Exception as error:  # whatever the optimizer raises, the cause is the extra value
         raise _rejected(config, error) from None
     if not torch.isfinite(parameter).all():
-        raise _rejected(config, ValueError("its first step made the weights inf/NaN"))
+        raise _rejected(config, ValueError("its steps made the weights inf/NaN"))
 
 
 def _rejected(config: OptimizerConfig, error: BaseException) -> UserError:

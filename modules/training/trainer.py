@@ -136,6 +136,12 @@ class TrainingRun:
                 log.warning("%s", line)
             for line in resume_plan.notes if resume_plan else []:
                 log.info("%s", line)
+        self.data = self.dataset.shard(
+            batch_size=config.training.batch_size,
+            seed=config.training.seed,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
         check_optimizer(config.optimizer, self.accelerator.device)
         torch.manual_seed(config.training.seed)
         self.family = get_family(config.model.family)
@@ -147,12 +153,6 @@ class TrainingRun:
                 f"lora.init_from {config.lora.init_from}: {len(bad)} tensors hold inf/NaN "
                 f"(e.g. {bad[0]}); training cannot start from it"
             )
-        self.data = self.dataset.shard(
-            batch_size=config.training.batch_size,
-            seed=config.training.seed,
-            rank=self.accelerator.process_index,
-            world=self.accelerator.num_processes,
-        )
         self.total_steps = config.training.max_steps or math.ceil(
             config.training.epochs
             * self.data.micro_per_epoch
