@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from modules.config.loading import config_to_json, save_config
 from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
-from modules.errors import RunError, UserError
+from modules.errors import RunError
 from modules.lora.formats import build_metadata, load_lora_into, save_lora
 from modules.lora.layers import LORA_ROLE_B
 from modules.lora.network import LoRANetwork
@@ -147,12 +147,6 @@ class TrainingRun:
         self.family = get_family(config.model.family)
         self.base = self.family.load(config)
         self.network = self._build_network()
-        bad = nonfinite_tensors(self.network.state_dict())
-        if bad and config.lora.init_from:
-            raise UserError(
-                f"lora.init_from {config.lora.init_from}: {len(bad)} tensors hold inf/NaN "
-                f"(e.g. {bad[0]}); training cannot start from it"
-            )
         self.total_steps = config.training.max_steps or math.ceil(
             config.training.epochs
             * self.data.micro_per_epoch

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -156,9 +157,12 @@ def atomic_path(target: Path) -> Iterator[Path]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = _temp_file(target)
+            mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gave a new file
             yield tmp
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+                if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) != mode:
+                    os.chmod(tmp, mode)  # a writer that replaced the file made it 0600
             os.replace(tmp, target)
         except WriteError:
             raise
