@@ -348,14 +348,15 @@ class TrainingRun:
     # -- outputs ----------------------------------------------------------------------------------
 
     def backup(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        if nonfinite_tensors(self.network.state_dict()):  # a backup must be one to go on from
+        # a backup must be one to go on from; every rank checks, so all of them stop together
+        if nonfinite_tensors(self.network.state_dict()):
             raise RunError(
                 nonfinite.weights_message(
                     step=self.state.progress.step, config=self.config, last_backup=self.last_backup
                 )
             )
+        if not self.accelerator.is_main_process:
+            return
         self.last_backup = write_backup(
             self.state,
             workspace=self.paths.workspace,
@@ -365,9 +366,16 @@ class TrainingRun:
         )
 
     def save(self, path: Path) -> None:
+        config = self.config
+        nonfinite.check_saveable(  # on every rank, so all of them stop together
+            self.network,
+            path=path,
+            config=config,
+            step=self.state.progress.step,
+            last_backup=self.last_backup,
+        )
         if not self.accelerator.is_main_process:
             return
-        config = self.config
         metadata = build_metadata(
             config_json=self.config_json,
             rank=config.lora.rank,
@@ -377,13 +385,6 @@ class TrainingRun:
             title=config.output.name,
             resolution=config.data.resolution,
             trigger_phrase=config.output.trigger_phrase,
-        )
-        nonfinite.check_saveable(
-            self.network,
-            path=path,
-            config=config,
-            step=self.state.progress.step,
-            last_backup=self.last_backup,
         )
         save_lora(
             self.network,

@@ -20,6 +20,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from modules.errors import RunError
 
@@ -66,13 +67,13 @@ class HashingFile:
     """A binary file handle that hashes what passes through it and remembers the OS error a
     writer swallowed (torch.save reports a failed write as an unrelated RuntimeError)."""
 
-    def __init__(self, handle) -> None:  # an open binary file
+    def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
         self._sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         try:
             written = self._handle.write(data)
         except OSError as error:

@@ -7,7 +7,7 @@ def printable(text: str) -> str:
     """`text` with what a UTF-8 stream cannot encode written as escapes.
 
     File names that are not UTF-8 reach Python as lone surrogates (PEP 383); printed as they
-    are, they crash a strict UTF-8 stdout. Their bytes are shown as \\xNN, as `ls -b` would.
+    are, they crash a strict UTF-8 stdout. Their bytes are shown as \\xNN escapes instead.
     """
     try:
         raw = text.encode("utf-8", "surrogateescape")
