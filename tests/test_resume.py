@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from modules.config.loading import load_config
 from modules.errors import UserError
 from modules.training.backup import MANIFEST, open_backup
+from modules.training.resume import changes
 from modules.training.trainer import TrainingRun, train
 from tests.helpers import tiny_config
 
@@ -278,3 +279,49 @@ def test_a_changed_learning_rate_applies_at_the_schedules_place(
     assert torch.equal(state[0]["exp_avg"], saved["state"][0]["exp_avg"])
     weights = load_file(backup / "lora.safetensors")
     assert all(torch.equal(v, weights[k]) for k, v in run.network.state_dict().items())
+
+
+RULES = {
+    "optimizer.learning_rate=0.002": "apply",
+    "model.unet.learning_rate=0.002": "apply",
+    "optimizer.betas=[0.8, 0.9]": "apply",
+    'optimizer.extra_kwargs={"foreach": false}': "apply",
+    "scheduler.warmup_steps=10": "apply",
+    "training.max_steps=100": "apply",
+    "training.mixed_precision=bf16": "apply",
+    "lora.dropout=0.1": "apply",
+    "lora.loraplus_ratio=16": "refuse",
+    "data.workers=0": "apply",
+    "data.cache_latents=false": "apply",
+    "data.validation.every_n_steps=5": "apply",
+    "sampling.every_n_steps=5": "apply",
+    "output.save_dtype=float32": "apply",
+    "training.seed=1": "warn",
+    "training.batch_size=3": "warn",
+    "training.gradient_accumulation_steps=2": "warn",
+    "data.resolution=128": "warn",
+    "data.flip=true": "warn",
+    "model.base_model=elsewhere": "warn",
+    "optimizer.name=prodigy": "refuse",
+    "lora.rank=8": "refuse",
+    "lora.alpha=8": "refuse",
+    'lora.layer_patterns=["attn1"]': "refuse",
+    "model.text_encoder_2.train=true": "refuse",
+    "lora.preconditioner=adaprelora": "refuse",
+    "lora.init_from=other.safetensors": "ignore",
+}
+
+
+@pytest.mark.parametrize("override", RULES, ids=list(RULES))
+def test_each_setting_takes_the_rule_the_readme_states(override: str) -> None:
+    saved = load_config(raw={"lora": {"rank": 4, "alpha": 4}})
+    current = load_config(raw={"lora": {"rank": 4, "alpha": 4}}, overrides=[override])
+    found = changes(saved, current)
+    assert len(found) == 1 and found[0].key.startswith(override.split("=")[0])
+    assert found[0].rule.action == RULES[override]
+
+
+def test_loraplus_changes_apply_while_it_stays_on() -> None:
+    saved = load_config(raw={"lora": {"loraplus_ratio": 16}})
+    current = load_config(raw={"lora": {"loraplus_ratio": 8}})
+    assert [c.rule.action for c in changes(saved, current)] == ["apply"]
