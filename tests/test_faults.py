@@ -183,6 +183,24 @@ def test_a_full_disk_while_backing_up_keeps_the_older_backups(
     open_backup(first)  # still whole: checksums match
 
 
+def test_a_full_disk_while_sampling_names_the_image(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path,
+        training={"max_steps": 2},
+        sampling={"prompts": ["a red circle"], "every_n_steps": 1, "steps": 2},
+        data={"workers": 0, "cache_latents": False, "cache_text_embeddings": False},
+    )
+    run = TrainingRun(load_config(raw=raw))
+    with file_size_limit(6_000), pytest.raises(WriteError) as caught:  # a sample is ~12 kB
+        run.run()
+    image = tmp_path / "samples" / "000001" / "00.png"
+    assert str(caught.value).startswith(f"cannot write {image}: File too large; ")
+
+
 # -- non-finite values --------------------------------------------------------------------------
 
 
@@ -279,6 +297,7 @@ def test_leftovers_of_a_killed_run_go_and_files_follow_the_umask(
         workspace / ".test-lora.safetensors.k3x_9qz1.tmp",  # from mkstemp, before this change
         workspace / ".config.json.0123abcd.tmp",
         workspace / "saves" / ".test-lora-step000002.safetensors.89abcdef.tmp",
+        workspace / "samples" / "000002" / ".00.png.fedcba98.tmp",
         cache / "latents" / "ab" / ".abcd.safetensors.01234567.tmp",
     ]
     kept = [

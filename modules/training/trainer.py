@@ -318,6 +318,7 @@ class TrainingRun:
                 remove_leftovers(workspace),
                 remove_leftovers(workspace / "saves"),
                 remove_leftovers(backups_dir(workspace)),
+                remove_leftovers(self.paths.samples, recursive=True),
                 remove_leftovers(output.parent, prefix=f".{output.name}."),
                 remove_leftovers(self.dataset.cache_root, recursive=True, older_than_s=3600),
             ]
