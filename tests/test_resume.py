@@ -22,7 +22,7 @@ from modules.errors import UserError
 from modules.training.backup import MANIFEST, open_backup
 from modules.training.resume import changes
 from modules.training.trainer import TrainingRun, train
-from tests.helpers import tiny_config
+from tests.helpers import TinyModel, tiny_config
 
 SECTIONS = {
     "training": {"max_steps": 2, "batch_size": 2, "seed": 7},
@@ -325,3 +325,100 @@ def test_loraplus_changes_apply_while_it_stays_on() -> None:
     saved = load_config(raw={"lora": {"loraplus_ratio": 16}})
     current = load_config(raw={"lora": {"loraplus_ratio": 8}})
     assert [c.rule.action for c in changes(saved, current)] == ["apply"]
+
+
+# -- the same rules on a Flux backup ----------------------------------------------------------
+# Checksums and the rules are family-blind; these check that Flux's own keys (its parts, its
+# options) fall under the rules the README states and that a Flux backup is checked like any.
+
+FLUX_RULES = {
+    "model.text_encoder.train=true": "refuse",
+    "model.transformer.learning_rate=0.002": "apply",
+    "model.guidance=3.0": "apply",
+    "model.timestep_shift=fixed": "apply",
+    "model.loss_weighting=cosmap": "apply",
+    "model.t5_max_length=256": "apply",
+    "model.quantize_base=int8": "apply",
+    "model.offload_blocks=2": "apply",
+    "model.base_model=elsewhere": "warn",
+    "model.single_file_config=elsewhere": "warn",
+}
+
+
+@pytest.mark.parametrize("override", FLUX_RULES, ids=list(FLUX_RULES))
+def test_each_flux_setting_takes_the_rule_the_readme_states(override: str) -> None:
+    saved = load_config(raw={"model": {"family": "flux"}})
+    current = load_config(raw={"model": {"family": "flux"}}, overrides=[override])
+    found = changes(saved, current)
+    assert len(found) == 1 and found[0].key == override.split("=")[0]
+    assert found[0].rule.action == FLUX_RULES[override]
+
+
+@pytest.fixture(scope="module")
+def trained_flux(
+    tiny_flux_path: Path, tiny_dataset_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The workspace of a finished 2-step Flux run with its backup at step 2."""
+    from tests.conftest import FAMILY_SETTINGS
+
+    workspace = tmp_path_factory.mktemp("trained-flux")
+    model = TinyModel("flux", tiny_flux_path, FAMILY_SETTINGS["flux"])
+    train(load_config(raw=model.config(tiny_dataset_path, workspace, **SECTIONS)))
+    return workspace
+
+
+def _flux_raw(model_path: Path, data_path: Path, workspace: Path, **changes: dict) -> dict:
+    from tests.conftest import FAMILY_SETTINGS
+
+    return TinyModel("flux", model_path, FAMILY_SETTINGS["flux"]).config(
+        data_path, workspace, **{**SECTIONS, **changes}
+    )
+
+
+def test_a_flux_backup_resumes_with_a_changed_learning_rate(
+    trained_flux: Path,
+    tiny_flux_path: Path,
+    tiny_dataset_path: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backup = _copy(trained_flux, tmp_path)
+    raw = _flux_raw(
+        tiny_flux_path,
+        tiny_dataset_path,
+        backup.parents[1],
+        optimizer={"learning_rate": 3e-3},
+        training={**SECTIONS["training"], "max_steps": 3},
+    )
+    with caplog.at_level(logging.INFO):
+        result = train(load_config(raw=raw), resume_latest=True)
+    assert result.steps == 3 and not result.interrupted
+    assert "optimizer.learning_rate 0.001 -> 0.003" in caplog.text
+
+
+def test_a_damaged_flux_backup_is_named(
+    trained_flux: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    backup = _copy(trained_flux, tmp_path)
+    _flip_byte("lora.safetensors")(backup)
+    raw = _flux_raw(tmp_path / "no-model", tiny_dataset_path, backup.parents[1])
+    with pytest.raises(UserError, match=r"lora\.safetensors is damaged \(changed: checksum"):
+        TrainingRun(load_config(raw=raw), resume_latest=True)
+
+
+def test_resuming_a_flux_backup_as_sdxl_names_the_family(
+    trained_flux: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    """Every part's key changes with the family; the line names the family first, not a part
+    or another refused setting that sorts before it."""
+    backup = _copy(trained_flux, tmp_path)
+    raw = _raw(tmp_path / "no-model", tiny_dataset_path, backup.parents[1], lora={"rank": 8})
+    with pytest.raises(UserError) as caught:
+        TrainingRun(load_config(raw=raw), resume_latest=True)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f'--resume {backup}: model.family is "sdxl" but the backup was trained with "flux": '
+        "the backup is a LoRA of another model family."
+    )
+    assert "(also changed: model.transformer.train, model.unet.train, lora.rank)" in message

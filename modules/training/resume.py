@@ -61,6 +61,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("lora.init_from", "ignore", "the backup's weights are the starting point"),
     Rule("model.base_model", "warn", "the LoRA goes on training on another base model"),
+    Rule(
+        "model.single_file_config",
+        "warn",
+        "the parts a single-file checkpoint lacks may come from another model",
+    ),
     Rule("training.seed", "warn", "noise and data order from here on differ"),
     Rule("training.batch_size", "warn", f"batches and epochs change; {_ORDER}"),
     Rule("training.gradient_accumulation_steps", "warn", "the effective batch changes"),
@@ -149,7 +154,10 @@ def check_resume(
             f"backup {backup}: its config.json is not a valid config ({first})"
         ) from None
     found = changes(saved, config)
-    refused = [c for c in found if c.rule.action == "refuse"]
+    # the most basic refusal first: another family explains every other key that changed with it
+    refused = sorted(
+        (c for c in found if c.rule.action == "refuse"), key=lambda c: RULES.index(c.rule)
+    )
     if refused:
         first = refused[0]
         others = ", ".join(c.key for c in refused[1:])
