@@ -6,12 +6,13 @@ declarations follow the same `option()` rules as every other section.
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Literal
 
 from PIL import ImageColor
 from pydantic import Field, field_validator
 
-from modules.config.fields import Section, option
+from modules.config.fields import SEED_MAX, Section, option
 from modules.config.local_paths import LocalPath
 
 
@@ -111,6 +112,15 @@ class ConceptConfig(Section):
         min_length=1,
     )
 
+    @field_validator("caption_extension")
+    @classmethod
+    def _extension_with_dot(cls, extension: str) -> str:
+        try:
+            PurePath("image").with_suffix(extension)
+        except ValueError:
+            raise ValueError('must be a file extension starting with a dot, e.g. ".txt"') from None
+        return extension
+
 
 class ValidationConfig(Section):
     """A held-out concept whose loss is measured at fixed timesteps and noise."""
@@ -144,6 +154,7 @@ class ValidationConfig(Section):
         label="Validation seed",
         advanced=True,
         ge=0,
+        le=SEED_MAX,
     )
 
     @field_validator("timesteps")

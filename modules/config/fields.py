@@ -11,13 +11,30 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Largest seed: torch generators take 64 bits and derived seeds (seed x prime + epoch, seed +
+# prompt index) must stay inside them; 32 bits is also the range other tools' seeds use.
+SEED_MAX = 2**32 - 1
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Numbers must be finite: JSON readers accept `Infinity`, `NaN` and `1e999`, and no learning
+    rate, alpha, weight decay or repeat count means anything as inf or nan. No text may hold a
+    NUL byte: every path would fail at the first file operation, after the model has loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul_byte(cls, value: Any) -> Any:
+        texts = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("contains a NUL byte (\\x00); remove it")
+        return value
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,34 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
         ) from None
+    except RecursionError:
+        raise ConfigError(_too_deep(path)) from None
+    if depth(raw) > MAX_DEPTH:
+        raise ConfigError(_too_deep(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object, got {type(raw).__name__}")
     return raw
+
+
+# No config nests deeper than a few levels (data.validation.concepts.0.path is 5); a file that
+# does is broken, and would only fail later, when the config is saved.
+MAX_DEPTH = 32
+
+
+def _too_deep(source: object) -> str:
+    return f"{source}: JSON nested deeper than {MAX_DEPTH} levels; no config field takes that"
+
+
+def depth(value: Any) -> int:
+    """How deep JSON objects and arrays nest in `value` (walked without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -54,6 +79,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
+    except RecursionError:
+        raise ConfigError(_too_deep(f"--set {key.strip()}")) from None
+    if depth(parsed) > MAX_DEPTH:
+        raise ConfigError(_too_deep(f"--set {key.strip()}"))
     _, field = _model_at(tuple(path))
     if field is not None and field.annotation is str and not isinstance(parsed, str):
         parsed = value
@@ -212,6 +241,11 @@ def describe_error(item: dict[str, Any]) -> str:
         return f"{key} = {shown} is not allowed; choose one of {allowed}{hint}"
     if kind in _RANGE_ERRORS:
         return f"{key} = {shown} is out of range; allowed: {_bounds(field)}"
+    if kind == "finite_number":
+        allowed = _bounds(field)
+        return f"{key} = {shown} is not a finite number" + (
+            f"; allowed: {allowed}" if allowed else ""
+        )
     if kind == "missing":
         return f"{key} is required"
     if kind in ("model_type", "dict_type"):

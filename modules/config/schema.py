@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from modules.config.data_schema import DataConfig
-from modules.config.fields import Section, option
+from modules.config.fields import SEED_MAX, Section, option
 from modules.config.local_paths import LocalPath
 from modules.config.lora_schema import LoRAConfig
 from modules.config.model_base import Dtype
@@ -143,6 +143,7 @@ class TrainingConfig(Section):
         tab="training",
         label="Seed",
         ge=0,
+        le=SEED_MAX,
     )
     gradient_checkpointing: bool = option(
         False,
@@ -197,6 +198,7 @@ class SamplingConfig(Section):
         tab="sampling",
         label="Sample seed",
         ge=0,
+        le=SEED_MAX,
     )
     at_end: bool = option(
         True, help="Also sample when training ends.", tab="sampling", label="Sample at end"
@@ -275,6 +277,22 @@ class OutputConfig(Section):
         tab="backup",
         label="Trigger phrase",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        """The name becomes a file name in the workspace: a folder part would write elsewhere,
+        and a blank or control character only fails when the LoRA is saved, after training."""
+        if not name.strip():
+            raise ValueError('must not be blank; e.g. "my_lora"')
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(
+                "must be a plain file name, without folders; put the folder in "
+                "output.workspace_dir or output.output_path"
+            )
+        if any(ord(char) < 32 or ord(char) == 127 for char in name):
+            raise ValueError("contains a control character; use a plain file name")
+        return name
 
 
 class TrainConfig(Section):

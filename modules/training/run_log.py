@@ -70,6 +70,14 @@ class RunLog:
         self.bar.update(1)
 
     def close(self) -> None:
-        if self.enabled:
+        """End the bar's line and flush the logs; safe to call twice."""
+        if self.enabled and self.bar is not None:
             self.bar.close()
             self.writer.close()
+            self.bar = None
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
