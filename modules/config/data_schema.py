@@ -11,13 +11,20 @@ from typing import Literal
 from PIL import ImageColor
 from pydantic import Field, field_validator
 
-from modules.config.fields import Section, option
+from modules.config.fields import PathInput, Section, option
 
 
 class ConceptConfig(Section):
     """One folder of training images and how its captions are built."""
 
-    path: str = option("", help="Folder of training images.", tab="data", label="Folder")
+    path: str = option(
+        "",
+        help="Folder of training images.",
+        tab="data",
+        label="Folder",
+        widget=PathInput("folder", must_exist=True),
+        min_length=1,
+    )
     recursive: bool = option(
         False, help="Also take images from sub-folders.", tab="data", label="Include sub-folders"
     )
@@ -49,6 +56,7 @@ class ConceptConfig(Section):
         help="Extension of sidecar caption files (caption_source txt).",
         tab="data",
         label="Caption extension",
+        applies_when={"caption_source": "txt"},
         advanced=True,
         min_length=1,
     )
@@ -58,12 +66,14 @@ class ConceptConfig(Section):
         "of training them with an empty caption.",
         tab="data",
         label="Require captions",
+        applies_when={"caption_source": "txt"},
     )
     prompt: str = option(
         "",
         help="The caption of every image when caption_source is prompt.",
         tab="data",
         label="Fixed prompt",
+        applies_when={"caption_source": "prompt"},
     )
     trigger_word: str = option(
         "",
@@ -188,6 +198,7 @@ class DataConfig(Section):
         help="Most elongated bucket (long side / short side); more extreme images are cropped.",
         tab="data",
         label="Max bucket aspect ratio",
+        applies_when={"bucketing": True},
         advanced=True,
         ge=1,
     )
@@ -238,6 +249,7 @@ class DataConfig(Section):
         help="Loss weight of the black (masked-out) area with masked training.",
         tab="data",
         label="Unmasked weight",
+        applies_when={"masked_training": True},
         ge=0,
         le=1,
     )
@@ -269,6 +281,7 @@ class DataConfig(Section):
         "share it share cached entries.",
         tab="data",
         label="Cache folder",
+        widget=PathInput("folder"),
         advanced=True,
     )
     workers: int = option(

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
-from modules.config.fields import Section, option
+from modules.config.fields import PathInput, Section, option
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -25,22 +25,23 @@ class ModelPartConfig(Section):
     train: bool = option(
         True,
         help="Put LoRA on this part and train it.",
-        tab="model",
-        label="Train",
+        tab="lora",
+        label="Parts to train",
     )
     learning_rate: float | None = option(
         None,
         help="Learning rate for this part's LoRA; empty uses optimizer.learning_rate. Text "
         "encoders usually want 0.25x-0.5x of the denoiser's rate.",
-        tab="model",
-        label="Learning rate",
+        tab="training",
+        label="Learning rate per part",
         gt=0,
+        applies_when={"train": True},
     )
     weight_dtype: Dtype = option(
         "float32",
         help="Dtype of the frozen base weights. bfloat16 halves memory on GPUs that support it.",
         tab="model",
-        label="Weight dtype",
+        label="Base weight dtype per part",
     )
 
 
@@ -66,8 +67,9 @@ def model_part(
     weight_dtype: Dtype = "float32",
 ) -> Any:
     """Declare one part of a family's base model as a field of its `model` section."""
+    defaults = {"train": train, "weight_dtype": weight_dtype}
     return Field(
-        default_factory=lambda: ModelPartConfig(train=train, weight_dtype=weight_dtype),
+        default_factory=lambda: ModelPartConfig(**defaults),
         description=help,
         json_schema_extra={
             "part": {
@@ -76,6 +78,7 @@ def model_part(
                 "text_encoder": text_encoder,
                 "trainable": trainable,
             },
+            "part_defaults": defaults,
         },
     )
 
@@ -100,6 +103,7 @@ class FamilyModelConfig(Section):
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
         tab="model",
         label="Base model",
+        widget=PathInput("file_or_folder", suffixes=(".safetensors",)),
     )
     single_file_config: str = option(
         "",
@@ -107,6 +111,7 @@ class FamilyModelConfig(Section):
         "whose configs, tokenizers and missing parts are used (needed offline).",
         tab="model",
         label="Single-file config folder",
+        widget=PathInput("folder", must_exist=True),
         advanced=True,
     )
     train_dtype: Dtype = option(
@@ -134,6 +139,21 @@ class FamilyModelConfig(Section):
         return any(
             spec.text_encoder and self.parts()[spec.name].train for spec in self.part_specs()
         )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _part_defaults(cls, data: Any) -> Any:
+        """A part given in part (`"text_encoder": {"weight_dtype": "bfloat16"}`) keeps its
+        declared defaults for the rest: that text encoder still does not train."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, info in cls.model_fields.items():
+            extra = info.json_schema_extra
+            defaults = extra.get("part_defaults") if isinstance(extra, dict) else None
+            if defaults and isinstance(data.get(name), dict):
+                data[name] = {**defaults, **data[name]}
+        return data
 
     @model_validator(mode="after")
     def _parts_valid(self) -> FamilyModelConfig:
