@@ -181,9 +181,10 @@ class ConfigForm:
             self._config = load_config(raw=self.raw())
         return self._config
 
-    def issues(self) -> list[Issue]:
-        """Everything that refuses Start, in field order where a field is known."""
-        if self._issues is None:
+    def issues(self, *, fresh: bool = False) -> list[Issue]:
+        """Everything that refuses Start, in field order where a field is known. Kept until the
+        next edit; `fresh` looks at the disk again (folders may have appeared meanwhile)."""
+        if self._issues is None or fresh:
             self._issues = self._check()
         return self._issues
 

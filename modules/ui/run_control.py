@@ -189,6 +189,11 @@ class RunController:
     def running(self) -> bool:
         return self._worker is not None
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id while a run is in progress."""
+        return self._worker.process.pid if self._worker is not None else None
+
     def start(self, config: TrainConfig, *, resume: bool = False) -> None:
         if self.running:
             raise RuntimeError("a run is already in progress")

@@ -76,7 +76,8 @@ class TrainerApp:
     # -- running --------------------------------------------------------------------------------
 
     def problems(self) -> list[Issue]:
-        return self.form.issues()
+        """What refuses Start now (paths looked up again)."""
+        return self.form.issues(fresh=True)
 
     def start(self, *, resume: bool = False) -> list[Issue]:
         """Start a run (or resume from the newest backup); returns the problems that refuse it."""

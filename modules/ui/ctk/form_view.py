@@ -14,6 +14,8 @@ from modules.ui.fields import ListSpec, Spec
 from modules.ui.form import ConfigForm
 
 PathPicker = Callable[[PathInput, str], str | None]
+# the view's own rows on a tab (the data report, the presets): (frame, first row) -> next row
+ExtraRows = Callable[[Any, int], int]
 HEADING_FONT = ("", 15, "bold")
 
 
@@ -99,8 +101,7 @@ class ListEditor:
 
     def update_titles(self) -> None:
         """Item buttons name each item by its first field (the folder) and mark invalid ones."""
-        count = self.form.count(self.spec.key)
-        for index in range(count):
+        for index in range(len(self.item_buttons)):
             first = self.spec.item_fields(index)[0]
             shown = str(self.form.get(first.key)) or f"(no {first.label.lower()})"
             button = self.item_buttons[index]
@@ -127,9 +128,11 @@ class FormTab:
         tab: str,
         form: ConfigForm,
         pick_path: PathPicker,
-        extra: Callable[[Any, int], None] | None = None,
+        header: ExtraRows | None = None,
+        footer: ExtraRows | None = None,
     ) -> None:
-        self.tab, self.form, self.pick_path, self.extra = tab, form, pick_path, extra
+        self.tab, self.form, self.pick_path = tab, form, pick_path
+        self.header, self.footer = header, footer
         self.frame = ctk.CTkScrollableFrame(parent, fg_color="transparent")
         self.frame.pack(fill="both", expand=True)
         self.frame.grid_columnconfigure(1, weight=1)
@@ -147,7 +150,7 @@ class FormTab:
             child.destroy()
         self.inputs, self.lists, self.headings = {}, [], []
         self._signature = self.signature()
-        row = 0
+        row = self.header(self.frame, 0) if self.header is not None else 0
         for group, specs in _grouped(self.form.tab_specs(self.tab)):
             heading = ctk.CTkLabel(self.frame, text=group, font=HEADING_FONT, anchor="w")
             heading.grid(row=row, column=0, columnspan=2, sticky="w", padx=12, pady=(14, 2))
@@ -165,8 +168,8 @@ class FormTab:
                         self.frame, row=row, spec=spec, form=self.form, pick_path=self.pick_path
                     )
                 row += 2
-        if self.extra is not None:
-            self.extra(self.frame, row)
+        if self.footer is not None:
+            self.footer(self.frame, row)
 
     def refresh(self, keys: frozenset[str] | None, structure: bool) -> None:
         """Follow a form change: rebuild when this tab's fields changed, else show new values."""

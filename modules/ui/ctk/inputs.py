@@ -29,19 +29,19 @@ class Tooltip:
         self._pending: str | None = None
         self._window: tkinter.Toplevel | None = None
         widget.bind("<Enter>", self._schedule, add="+")
-        widget.bind("<Leave>", self._hide, add="+")
-        widget.bind("<ButtonPress>", self._hide, add="+")
+        widget.bind("<Leave>", self.hide, add="+")
+        widget.bind("<ButtonPress>", self.hide, add="+")
 
     def _schedule(self, _event: Any = None) -> None:
         self._cancel()
-        self._pending = self.widget.after(self.delay_ms, self._show)
+        self._pending = self.widget.after(self.delay_ms, self.show)
 
     def _cancel(self) -> None:
         if self._pending is not None:
             self.widget.after_cancel(self._pending)
             self._pending = None
 
-    def _show(self) -> None:
+    def show(self) -> None:
         self._pending = None
         if self._window is not None or not self.widget.winfo_exists():
             return
@@ -63,7 +63,7 @@ class Tooltip:
             pady=6,
         ).pack()
 
-    def _hide(self, _event: Any = None) -> None:
+    def hide(self, _event: Any = None) -> None:
         self._cancel()
         if self._window is not None:
             self._window.destroy()
@@ -94,10 +94,10 @@ class FieldInput:
         self.frame.grid_columnconfigure(0, weight=1)
         self.error: ctk.CTkLabel | None = None
         self.var: tkinter.Variable | None = None
+        self.buttons: list[ctk.CTkButton] = []  # a path's File… / Folder… pickers
         self.widget = self._build()
         self.refresh()
-        Tooltip(self.label, spec.tooltip)
-        Tooltip(self.widget, spec.tooltip)
+        self.tooltips = [Tooltip(self.label, spec.tooltip), Tooltip(self.widget, spec.tooltip)]
 
     # -- building -------------------------------------------------------------------------------
 
@@ -143,14 +143,16 @@ class FieldInput:
         if declared is not None:
             kinds = ("file", "folder") if declared.kind == "file_or_folder" else (declared.kind,)
             for column, what in enumerate(kinds, start=1):
-                ctk.CTkButton(
+                button = ctk.CTkButton(
                     self.frame,
                     text=f"{what.capitalize()}…",
                     width=72,
                     command=lambda what=what: self._browse(
                         PathInput(what, False, declared.suffixes)
                     ),
-                ).grid(row=0, column=column, padx=(6, 0))
+                )
+                button.grid(row=0, column=column, padx=(6, 0))
+                self.buttons.append(button)
         return widget
 
     def _menu(self, values: tuple[str, ...], command: Callable[[str], None]) -> Any:

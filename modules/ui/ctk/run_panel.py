@@ -71,6 +71,7 @@ class LossPlot:
             line.set_data([p[0] for p in points], [p[1] for p in points])
         if progress.validation_losses and not self.axes.get_legend():
             self.axes.legend(fontsize=7, loc="upper right")
+        self.axes.set_autoscale_on(True)  # the empty plot's fixed 0..1 limits end here
         self.axes.relim()
         self.axes.autoscale_view()
         self.canvas.draw_idle()

@@ -70,6 +70,13 @@ class TrainWindow(ctk.CTk):
         self._poll_job = self.after(poll_ms, self._poll)
         self._idle_job: str | None = None
         self.bind("<Map>", self._first_shown, add="+")
+        # back in the window: folders may have been made or moved meanwhile
+        self.bind("<FocusIn>", self._focused, add="+")
+
+    def _focused(self, event: Any) -> None:
+        if event.widget is self:
+            self.app.problems()
+            self.update_checks()
 
     def _first_shown(self, event: Any) -> None:
         """Once the window is on screen (and drawn first), build the rest in idle moments."""
@@ -78,16 +85,13 @@ class TrainWindow(ctk.CTk):
 
     def _build(self, tab: str) -> FormTab:
         if tab not in self.tabs:
-            extras: dict[str, Callable[[Any, int], None]] = {
-                "general": self._presets_section,
-                "data": self._scan_section,
-            }
             self.tabs[tab] = FormTab(
                 self.tabview.tab(self.titles[tab]),
                 tab=tab,
                 form=self.app.form,
                 pick_path=self._pick_path,
-                extra=extras.get(tab),
+                header={"data": self._scan_section}.get(tab),
+                footer={"general": self._presets_section}.get(tab),
             )
             self.update_checks()
         return self.tabs[tab]
@@ -145,7 +149,7 @@ class TrainWindow(ctk.CTk):
         self.advanced = ctk.CTkSwitch(bar, text="Show advanced options", command=self.update_checks)
         self.advanced.pack(side="right", padx=14)
 
-    def _presets_section(self, frame: Any, row: int) -> None:
+    def _presets_section(self, frame: Any, row: int) -> int:
         ctk.CTkLabel(frame, text="Presets", font=HEADING_FONT, anchor="w").grid(
             row=row, column=0, columnspan=2, sticky="w", padx=12, pady=(14, 2)
         )
@@ -157,16 +161,18 @@ class TrainWindow(ctk.CTk):
             frame, text="Delete this preset", width=150, command=self.delete_preset
         )
         self.delete_preset_button.grid(row=row + 2, column=0, sticky="w", padx=12, pady=6)
+        return row + 3
 
-    def _scan_section(self, frame: Any, row: int) -> None:
+    def _scan_section(self, frame: Any, row: int) -> int:
         ctk.CTkLabel(frame, text="Data report", font=HEADING_FONT, anchor="w").grid(
             row=row, column=0, sticky="w", padx=12, pady=(14, 2)
         )
         self.scan_button = ctk.CTkButton(frame, text="Scan dataset", width=130, command=self.scan)
         self.scan_button.grid(row=row, column=1, sticky="e", padx=12, pady=(14, 2))
-        self.scan_report = ctk.CTkTextbox(frame, height=170, wrap="none", font=("", 12))
+        self.scan_report = ctk.CTkTextbox(frame, height=120, wrap="none", font=("", 12))
         self.scan_report.grid(row=row + 1, column=0, columnspan=2, sticky="ew", padx=12, pady=4)
         self._show_report(["Scan dataset lists the usable images, skipped files and buckets."])
+        return row + 2
 
     # -- the form -------------------------------------------------------------------------------
 
@@ -189,6 +195,8 @@ class TrainWindow(ctk.CTk):
 
     def update_checks(self) -> None:
         """Visibility (applies / advanced), the CLI's messages on invalid inputs, the status."""
+        if self._rebuild_pending:
+            return  # the rebuild checks again, with inputs that match the form
         issues = self.app.form.issues_by_key()
         show_advanced = bool(self.advanced.get())
         for tab in self.tabs.values():

@@ -1,0 +1,408 @@
+"""The trainer window under a display (Xvfb): the LoRA tab's switch, presets, invalid input,
+and runs started, stopped and resumed from it. One window per test process (Tk allows one
+root), reset between tests; a Tk callback error fails the test that caused it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modules.config.loading import load_config
+from modules.config.schema import TrainConfig
+from modules.ui.presets import PresetLibrary
+from tests.helpers import REPO, run_cli, tiny_config
+
+pytestmark = pytest.mark.gui
+
+PRESETS = sorted((REPO / "training_presets").glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def display() -> Iterator[str]:
+    """$DISPLAY when set, else a private Xvfb; skips where neither exists."""
+    from modules.ui.ctk.display import NoDisplayError, virtual_display
+
+    try:
+        with virtual_display() as name:
+            yield name
+    except NoDisplayError as error:
+        pytest.skip(f"{error}; .ci/run installs Xvfb")
+
+
+class Answers:
+    """Stands in for the desktop's file and name dialogs."""
+
+    def __init__(self) -> None:
+        self.next_path: str | None = None
+        self.next_text: str | None = None
+
+    def open_config(self, parent: Any) -> str | None:
+        return self.next_path
+
+    def save_config(self, parent: Any) -> str | None:
+        return self.next_path
+
+    def path(self, parent: Any, what: Any, current: str) -> str | None:
+        return self.next_path
+
+    def text(self, parent: Any, *, title: str, prompt: str) -> str | None:
+        return self.next_text
+
+
+@pytest.fixture(scope="module")
+def window(display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    try:
+        from modules.ui.ctk.launch import WindowError, open_window
+    except ImportError as error:  # a Python built without tkinter
+        pytest.skip(f"no tkinter: {error}")
+    presets = PresetLibrary(user_dir=tmp_path_factory.mktemp("user-presets"))
+    try:
+        window = open_window(presets=presets)
+    except WindowError as error:
+        pytest.skip(str(error))
+    window.questions = Answers()
+    window.callback_errors = []
+    window.report_callback_exception = lambda *info: window.callback_errors.append(info)
+    window.build_all()
+    yield window
+    window.app.shutdown(timeout=30)
+    window.destroy()
+
+
+@pytest.fixture(autouse=True)
+def fresh(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts from the defaults with no dialog open, and ends without a Tk error."""
+    if "window" not in request.fixturenames:
+        yield
+        return
+    window = request.getfixturevalue("window")
+    window.app.form.load(TrainConfig())
+    pump(window)
+    yield
+    for dialog in list(window.messages):
+        dialog.destroy()
+    window.messages.clear()
+    errors = list(window.callback_errors)
+    window.callback_errors.clear()
+    assert not errors, f"Tk callback error: {errors[0][1]!r}"
+
+
+def pump(window: Any, until: Callable[[], bool] | None = None, timeout: float = 5) -> None:
+    """Run the event loop (after callbacks, redraws) until `until()`, or for a moment."""
+    deadline = time.monotonic() + (timeout if until is not None else 0.05)
+    while True:
+        window.update()
+        if until is not None and until():
+            return
+        if time.monotonic() > deadline:
+            assert until is None, "timed out waiting for the window"
+            return
+        time.sleep(0.02)
+
+
+def type_into(window: Any, field: Any, text: str) -> None:
+    """Replace an entry's text as typing does (through the widget, not the form)."""
+    field.widget.delete(0, "end")
+    field.widget.insert(0, text)
+    pump(window)
+
+
+def tiny_preset(tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path, **sections: Any):
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path / "ws", **sections)
+    raw["data"]["workers"] = 0
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def load_through_button(window: Any, path: Path) -> None:
+    window.questions.next_path = str(path)
+    window.load_button.invoke()
+    pump(window)
+
+
+# -- the config ---------------------------------------------------------------------------------
+
+
+def test_riemannian_tick_in_the_lora_tab_exports_for_the_cli(window: Any, tmp_path: Path) -> None:
+    lora = window.show_tab("lora")
+    pump(window)
+    assert window.tabview.get() == "LoRA"
+    switch = lora.inputs["lora.preconditioner"]
+    damping = lora.inputs["lora.precondition_damping"]
+    assert switch.label.cget("text") == "Riemannian Preconditioning"
+    assert not switch.var.get() and not damping.visible
+    assert not switch.method.winfo_ismapped()
+    switch.widget.toggle()  # what a click on the tick does
+    pump(window)
+    assert switch.method.winfo_ismapped() and switch.method.get() == "riemannian"
+    assert damping.visible and damping.widget.winfo_ismapped()
+    assert not lora.inputs["lora.adaprelora_probes"].visible
+    assert "Riemannian Preconditioning" in switch.spec.tooltip()
+
+    path = tmp_path / "exported.json"
+    window.questions.next_path = str(path)
+    window.export_button.invoke()
+    assert json.loads(path.read_text())["lora"]["preconditioner"] == "riemannian"
+    assert load_config(path) == window.app.form.config()
+    printed = run_cli("--config-path", str(path), "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    assert TrainConfig.model_validate_json(printed.stdout) == window.app.form.config()
+
+    switch.method._dropdown_callback("adaprelora")  # what picking it in the menu does
+    pump(window)
+    assert window.app.form.config().lora.preconditioner == "adaprelora"
+    probes = lora.inputs["lora.adaprelora_probes"]
+    assert not probes.visible  # an advanced setting
+    window.advanced.toggle()
+    pump(window)
+    assert probes.visible and probes.widget.winfo_ismapped()
+    window.advanced.toggle()
+    switch.widget.toggle()
+    pump(window)
+    assert window.app.form.config().lora.preconditioner == "none" and not damping.visible
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_builtin_preset_round_trips_through_the_window(
+    window: Any, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every input shows the preset's value, and Export writes the same config."""
+    monkeypatch.chdir(tmp_path)  # the presets' relative folders are made here
+    window.choose_preset(preset.stem)
+    pump(window)
+    assert window.app.preset.path == preset
+    shown = 0
+    for tab in window.tabs.values():
+        for field in tab.all_inputs():
+            value = window.app.form.get(field.spec.key)
+            if field.spec.kind.value == "lines":
+                assert field.widget.get("1.0", "end-1c") == value
+            elif field.spec.kind.value == "toggle":
+                assert bool(field.var.get()) == window.app.form.ticked(field.spec.key)
+            else:
+                assert field.var.get() == value, field.spec.key
+            shown += 1
+    assert shown >= 80
+    data = load_config(preset).data
+    for concept in [*data.concepts, *data.validation.concepts]:
+        Path(concept.path).mkdir(parents=True, exist_ok=True)
+    pump(window)
+    assert window.app.problems() == []
+    path = tmp_path / "exported.json"
+    window.questions.next_path = str(path)
+    window.export_button.invoke()
+    assert load_config(path) == load_config(preset)
+
+
+def test_family_switch_rebuilds_the_model_tab(window: Any) -> None:
+    model = window.show_tab("model")
+    model.inputs["model.family"].widget._dropdown_callback("flux")
+    pump(window)
+    model = window.tabs["model"]
+    assert "model.quantize_base" in model.inputs and "model.prediction_type" not in model.inputs
+    parts = {k for k in window.tabs["lora"].inputs if k.endswith(".train")}
+    assert parts == {"model.transformer.train", "model.text_encoder.train"}
+    assert not model.inputs["model.shift"].visible
+    model.inputs["model.timestep_shift"].widget._dropdown_callback("fixed")
+    window.advanced.toggle()
+    pump(window)
+    assert model.inputs["model.shift"].visible
+    window.advanced.toggle()
+    pump(window)
+
+
+def test_concepts_are_added_edited_and_removed(window: Any, tmp_path: Path) -> None:
+    data = window.show_tab("data")
+    (concepts, _) = data.lists
+    concepts.add_button.invoke()
+    pump(window)
+    assert window.app.form.count("data.concepts") == 1
+    folder = concepts.inputs[0]
+    assert folder.spec.key == "data.concepts.0.path" and folder.messages
+    window.questions.next_path = str(tmp_path)
+    (browse,) = folder.buttons
+    assert browse.cget("text") == "Folder…"
+    browse.invoke()
+    pump(window)
+    assert window.app.form.config().data.concepts[0].path == str(tmp_path)
+    repeats = next(f for f in concepts.inputs if f.spec.key.endswith(".repeats"))
+    type_into(window, repeats, "3")
+    assert window.app.form.config().data.concepts[0].repeats == 3
+    assert concepts.item_buttons[0].cget("text") == f"1.  {tmp_path}"
+    concepts.add_button.invoke()
+    pump(window)
+    concepts.item_buttons[0].invoke()
+    pump(window)
+    assert concepts.selected == 0 and concepts.inputs[0].var.get() == str(tmp_path)
+    concepts.remove_button.invoke()
+    pump(window)
+    assert window.app.form.count("data.concepts") == 1
+    assert window.app.form.get("data.concepts.0.path") == ""
+
+
+def test_invalid_values_are_marked_and_start_is_refused(
+    window: Any, tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    missing = tmp_path / "no-such-folder"
+    load_through_button(window, tiny_preset(tmp_path, tiny_sdxl_path, missing))
+    lora, training = window.show_tab("lora"), window.show_tab("training")
+    rank, batch = lora.inputs["lora.rank"], training.inputs["training.batch_size"]
+    type_into(window, rank, "-4")
+    type_into(window, batch, "abc")
+    assert rank.messages == ["lora.rank = -4 is out of range; allowed: >= 1 and <= 1024"]
+    assert rank.error.cget("text") == rank.messages[0] and rank.error.grid_info()
+    assert batch.messages == [
+        'training.batch_size = "abc": Input should be a valid integer, unable to parse string '
+        "as an integer"
+    ]
+    folder = window.show_tab("data").lists[0].inputs[0]
+    assert folder.messages == [f"data.concepts.0.path: folder '{missing}' does not exist"]
+
+    window.panel.start_button.invoke()
+    pump(window)
+    assert not window.app.run.running
+    (dialog,) = window.messages
+    assert dialog.title() == "Cannot start"
+    assert dialog.message.splitlines()[2:] == [
+        f"[LoRA] {rank.messages[0]}",
+        f"[Training] {batch.messages[0]}",
+        f"[Data] {folder.messages[0]}",
+    ]
+    assert window.panel.status_lines[0] == "3 problems to fix before Start:"
+
+    # the CLI says the same about the folder, with the values fixed that it reads first
+    type_into(window, rank, "4")
+    type_into(window, batch, "2")
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(window.app.form.raw()))
+    cli = run_cli("--config-path", str(raw))
+    assert cli.returncode == 2
+    assert cli.stderr.strip().splitlines()[-1] == f"error: {folder.messages[0]}"
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def wait_for_run(window: Any, timeout: float = 300) -> None:
+    pump(window, until=lambda: not window.app.run.running, timeout=timeout)
+    pump(window)
+
+
+def test_a_run_error_is_a_dialog_and_the_window_stays_usable(
+    window: Any, tmp_path: Path, tiny_dataset_path: Path
+) -> None:
+    load_through_button(window, tiny_preset(tmp_path, tmp_path / "no-model", tiny_dataset_path))
+    window.panel.start_button.invoke()
+    pump(window, until=lambda: window.panel.stop_button.cget("state") == "normal")
+    wait_for_run(window)
+    (dialog,) = window.messages
+    assert dialog.title() == "The run stopped with an error"
+    assert "no-model" in dialog.message and "\n" not in dialog.message
+    assert window.panel.start_button.cget("state") == "normal"
+    assert window.panel.status_lines[0] == f"error: {dialog.message}"
+    dialog.buttons["OK"].invoke()
+    pump(window)
+    assert not window.messages
+
+
+def test_training_from_the_window_finishes(
+    window: Any, tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    preset = tiny_preset(
+        tmp_path,
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        sampling={"prompts": ["a red circle", "a blue square"], "steps": 2, "at_end": True},
+        training={"max_steps": 4},
+    )
+    load_through_button(window, preset)
+    window.panel.start_button.invoke()
+    pump(window)
+    assert window.app.run.running and window.panel.start_button.cget("state") == "disabled"
+    wait_for_run(window)
+    assert not window.messages, window.messages[0].message
+    workspace = tmp_path / "ws"
+    assert (workspace / "test-lora.safetensors").is_file()
+    assert window.panel.progress_bar.get() == 1.0
+    assert window.panel.summary.cget("text").startswith("step 4/4 · loss ")
+    samples = (
+        workspace / "samples" / "000004" / "00.png",
+        workspace / "samples" / "000004" / "01.png",
+    )
+    assert window.panel.samples.shown == samples and all(p.is_file() for p in samples)
+    assert window.panel.samples.title.cget("text") == "Samples at step 4"
+    assert window.panel.plot.draws >= 1
+    assert window.panel.status_lines[0] == (
+        f"finished after 4 steps; LoRA: {workspace / 'test-lora.safetensors'}"
+    )
+    assert any(line.startswith("data: 4 images") for line in window.panel.status_lines)
+
+
+def test_stop_writes_a_backup_and_resume_finishes(
+    window: Any, tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    preset = tiny_preset(
+        tmp_path,
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        sampling={"prompts": ["a red circle"], "steps": 2, "at_end": False},
+        training={"max_steps": 1000},
+    )
+    load_through_button(window, preset)
+    panel = window.panel
+    panel.start_button.invoke()
+    pump(window, until=lambda: window.app.run.progress.step >= 1, timeout=300)
+    assert panel.sample_button.cget("state") == "normal"
+    panel.sample_button.invoke()
+    panel.backup_button.invoke()
+    progress = window.app.run.progress
+    pump(window, until=lambda: panel.samples.shown and progress.last_backup, timeout=120)
+    assert progress.last_backup.parent == tmp_path / "ws" / "backups"
+    panel.stop_button.invoke()
+    wait_for_run(window)
+    progress = window.app.run.progress
+    assert progress.state == "stopped" and 1 <= progress.step < 1000
+    backups = sorted((tmp_path / "ws" / "backups").iterdir())
+    assert (
+        backups[-1]
+        == progress.last_backup
+        == tmp_path / "ws" / "backups" / (f"step-{progress.step:06d}")
+    )
+    assert (backups[-1] / "state.pt").is_file()
+    assert panel.status_lines[:2] == [
+        f"stopped at step {progress.step}; backup: {backups[-1]}",
+        "Resume continues from the newest backup.",
+    ]
+    assert not (tmp_path / "ws" / "test-lora.safetensors").exists()
+
+    stopped = progress.step
+    type_into(window, window.show_tab("training").inputs["training.max_steps"], str(stopped + 2))
+    panel.resume_button.invoke()
+    wait_for_run(window)
+    assert not window.messages, window.messages[0].message
+    assert window.app.run.progress.state == "finished"
+    assert window.app.run.progress.step == stopped + 2 and panel.progress_bar.get() == 1.0
+    assert (tmp_path / "ws" / "test-lora.safetensors").is_file()
+
+
+def test_user_presets_are_saved_offered_and_deleted(window: Any) -> None:
+    window.show_tab("lora").inputs["lora.rank"].var.set("8")
+    window.questions.next_text = "rank eight"
+    window.save_preset_button.invoke()
+    pump(window)
+    assert window.preset_menu.get() == "rank eight (yours)"
+    assert "rank eight (yours)" in window.preset_menu.cget("values")
+    window.app.form.load(TrainConfig())
+    window.choose_preset("rank eight (yours)")
+    pump(window)
+    assert window.app.form.config().lora.rank == 8
+    assert window.delete_preset_button.cget("state") == "normal"
+    window.delete_preset_button.invoke()
+    pump(window)
+    assert "rank eight (yours)" not in window.preset_menu.cget("values")
