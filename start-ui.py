@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, WindowError) as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    window.mainloop()
+    try:
+        window.mainloop()
+    except KeyboardInterrupt:  # Ctrl-C reached the run too: it stops at its next step
+        window.app.shutdown()
     return 0
 
 

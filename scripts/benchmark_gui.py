@@ -1,6 +1,6 @@
 """How fast the trainer window opens, and how responsive it stays while a run trains.
 
-    python scripts/benchmark_gui.py [--opens 5] [--steps 40] [--write]
+    python scripts/benchmark_gui.py [--opens 5] [--steps 40] [--no-write]
 
 - Open: a fresh Python process opens the window as start-ui.py does; timed from starting the
   process (interpreter start and imports included) to the first tab drawn, and to every tab and
@@ -10,8 +10,8 @@
   caching) and while it trains (the demo preset on the tiny built-in model, in its worker
   process, polled by the window every 100 ms).
 
-Runs under a private Xvfb when there is no desktop; --write records the table in
-docs/benchmarks.md.
+Runs under a private Xvfb when there is no desktop. Writes the tables into docs/benchmarks.md
+(section `gui`) unless `--no-write`.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def measure_run(steps: int, root: Path) -> dict[str, list[float]]:
             "sampling.every_n_steps=0",
             "sampling.at_end=false",
             "backup.every_n_steps=0",
+            "data.workers=0",
         ],
     )
     from modules.ui.ctk.launch import open_window
@@ -141,7 +142,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--opens", type=int, default=5, help="fresh processes opening the window")
     parser.add_argument("--steps", type=int, default=40, help="steps of the measured run")
-    parser.add_argument("--write", action="store_true", help="record in docs/benchmarks.md")
+    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     header = benchmark_header("scripts/benchmark_gui.py")
     with virtual_display(), tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +173,7 @@ def main() -> int:
                 f"| {phase} | {len(values)} | {ms(values, 0.5)} | {ms(values, 0.95)} "
                 f"| {ms(values, 1.0)} |"
             )
-    report_benchmark("\n".join(lines), section="gui", write=args.write)
+    report_benchmark("\n".join(lines), section="gui", write=not args.no_write)
     return 0
 
 

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -357,3 +360,24 @@ def test_every_spec_kind_is_covered() -> None:
         if isinstance(spec, FieldSpec)
     }
     assert kinds == set(Kind)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "message"),
+    [
+        ([], 1, "error: cannot open a window (no display name and no $DISPLAY environment "),
+        (["--config-path", "nope.json"], 2, "error: nope.json: config file not found"),
+    ],
+)
+def test_start_ui_without_a_desktop_says_so(arguments: list[str], code: int, message: str) -> None:
+    environment = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "start-ui.py"), *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == code
+    assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1

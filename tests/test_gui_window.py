@@ -14,6 +14,8 @@ import pytest
 
 from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
+from modules.data.scan import ScanIndex, scan_concepts
+from modules.errors import UserError
 from modules.ui.presets import PresetLibrary
 from tests.helpers import REPO, run_cli, tiny_config
 
@@ -294,54 +296,51 @@ def wait_for_run(window: Any, timeout: float = 300) -> None:
     pump(window)
 
 
-def test_a_run_error_is_a_dialog_and_the_window_stays_usable(
-    window: Any, tmp_path: Path, tiny_dataset_path: Path
-) -> None:
-    load_through_button(window, tiny_preset(tmp_path, tmp_path / "no-model", tiny_dataset_path))
-    window.panel.start_button.invoke()
-    pump(window, until=lambda: window.panel.stop_button.cget("state") == "normal")
-    wait_for_run(window)
-    (dialog,) = window.messages
-    assert dialog.title() == "The run stopped with an error"
-    assert "no-model" in dialog.message and "\n" not in dialog.message
-    assert window.panel.start_button.cget("state") == "normal"
-    assert window.panel.status_lines[0] == f"error: {dialog.message}"
-    dialog.buttons["OK"].invoke()
-    pump(window)
-    assert not window.messages
-
-
-def test_training_from_the_window_finishes(
+def test_a_run_error_is_a_dialog_then_the_next_run_finishes(
     window: Any, tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
 ) -> None:
+    """A base model that is not there fails in the run (not before Start): the window shows the
+    CLI's line and stays usable; with the path fixed, the next run trains to the end."""
     preset = tiny_preset(
         tmp_path,
-        tiny_sdxl_path,
+        tmp_path / "no-model",
         tiny_dataset_path,
         sampling={"prompts": ["a red circle", "a blue square"], "steps": 2, "at_end": True},
         training={"max_steps": 4},
     )
     load_through_button(window, preset)
-    window.panel.start_button.invoke()
+    panel = window.panel
+    panel.start_button.invoke()
     pump(window)
-    assert window.app.run.running and window.panel.start_button.cget("state") == "disabled"
+    assert window.app.run.running and panel.start_button.cget("state") == "disabled"
+    wait_for_run(window)
+    (dialog,) = window.messages
+    assert dialog.title() == "The run stopped with an error"
+    assert "no-model" in dialog.message and "\n" not in dialog.message
+    assert panel.status_lines[0] == f"error: {dialog.message}"
+    assert panel.start_button.cget("state") == "normal"
+    dialog.buttons["OK"].invoke()
+    pump(window)
+    assert not window.messages
+
+    type_into(window, window.show_tab("model").inputs["model.base_model"], str(tiny_sdxl_path))
+    panel.start_button.invoke()
     wait_for_run(window)
     assert not window.messages, window.messages[0].message
     workspace = tmp_path / "ws"
     assert (workspace / "test-lora.safetensors").is_file()
-    assert window.panel.progress_bar.get() == 1.0
-    assert window.panel.summary.cget("text").startswith("step 4/4 · loss ")
-    samples = (
-        workspace / "samples" / "000004" / "00.png",
-        workspace / "samples" / "000004" / "01.png",
-    )
-    assert window.panel.samples.shown == samples and all(p.is_file() for p in samples)
-    assert window.panel.samples.title.cget("text") == "Samples at step 4"
-    assert window.panel.plot.draws >= 1
-    assert window.panel.status_lines[0] == (
+    assert panel.progress_bar.get() == 1.0
+    assert panel.summary.cget("text").startswith("step 4/4 · loss ")
+    folder = workspace / "samples" / "000004"
+    assert panel.samples.shown == (folder / "00.png", folder / "01.png")
+    assert all(path.is_file() for path in panel.samples.shown)
+    assert panel.samples.title.cget("text") == "Samples at step 4"
+    pump(window, until=lambda: panel.plot.draws >= 1)
+    assert list(panel.plot.smoothed.get_xdata()) == [1, 2, 3, 4]
+    assert panel.status_lines[0] == (
         f"finished after 4 steps; LoRA: {workspace / 'test-lora.safetensors'}"
     )
-    assert any(line.startswith("data: 4 images") for line in window.panel.status_lines)
+    assert any(line.startswith("data: 4 images") for line in panel.status_lines)
 
 
 def test_stop_writes_a_backup_and_resume_finishes(
@@ -406,3 +405,25 @@ def test_user_presets_are_saved_offered_and_deleted(window: Any) -> None:
     window.delete_preset_button.invoke()
     pump(window)
     assert "rank eight (yours)" not in window.preset_menu.cget("values")
+
+
+def test_scan_shows_the_data_report(window: Any, tmp_path: Path, tiny_dataset_path: Path) -> None:
+    window.app.form.add_item("data.concepts", path=str(tiny_dataset_path))
+    window.show_tab("data")
+    window.scan_button.invoke()
+    pump(window, until=lambda: not window.app.scan.running, timeout=120)
+    pump(window)
+    report = window.scan_report.get("1.0", "end-1c").splitlines()
+    assert report[0] == "data: 4 images in 1 concept, 0 files skipped"
+    assert report[-1] == "  buckets at 1024 px: 1024x1024: 4"
+
+    window.app.form.set("data.concepts.0.path", str(tmp_path))  # a folder without images
+    with pytest.raises(UserError) as run:
+        config = window.app.form.config()
+        scan_concepts(
+            config.data.concepts, config.data, key="data.concepts", step=64, index=ScanIndex(None)
+        )
+    window.scan_button.invoke()
+    pump(window, until=lambda: not window.app.scan.running, timeout=120)
+    pump(window)
+    assert window.scan_report.get("1.0", "end-1c") == f"error: {run.value}"

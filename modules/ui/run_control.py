@@ -83,7 +83,6 @@ class Worker:
             self.ended = True
         elif not alive and not self.ended:
             self.ended = True
-            self.process.join()
             if self.cancelled:
                 events.append(Cancelled())
             else:
@@ -93,9 +92,25 @@ class Worker:
                         f"the {self.kind} process ended unexpectedly (exit code {code})", 1, True
                     )
                 )
-        if self.ended:
-            self.process.join(timeout=5)
         return events
+
+
+class _Reaper:
+    """Ended workers whose processes are still exiting (interpreter teardown takes a moment):
+    joined once they are gone, never by blocking the GUI thread."""
+
+    def __init__(self) -> None:
+        self.exiting: list[Worker] = []
+
+    def add(self, worker: Worker) -> None:
+        self.exiting.append(worker)
+        self.reap()
+
+    def reap(self) -> None:
+        for worker in list(self.exiting):
+            if not worker.process.is_alive():
+                worker.process.join()
+                self.exiting.remove(worker)
 
 
 @dataclass
@@ -184,6 +199,7 @@ class RunController:
         self.context = context or worker_context()
         self.progress = RunProgress()
         self._worker: Worker | None = None
+        self._reaper = _Reaper()
 
     @property
     def running(self) -> bool:
@@ -221,17 +237,19 @@ class RunController:
 
     def poll(self) -> list[Any]:
         """Apply the events that arrived since the last call and return them."""
+        self._reaper.reap()
         if self._worker is None:
             return []
         events = self._worker.drain()
         for event in events:
             self.progress.apply(event)
         if self._worker.ended:
+            self._reaper.add(self._worker)
             self._worker = None
         return events
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until the worker process ends (tests, closing the window)."""
+        """Block until the worker process ends (closing the window)."""
         if self._worker is not None:
             self._worker.process.join(timeout)
 
@@ -244,6 +262,7 @@ class DataScan:
         self.lines: list[str] = []
         self.error: str | None = None
         self._worker: Worker | None = None
+        self._reaper = _Reaper()
 
     @property
     def running(self) -> bool:
@@ -252,12 +271,13 @@ class DataScan:
     def start(self, config: TrainConfig) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            self._worker.process.join(timeout=5)
+            self._reaper.add(self._worker)
         self.lines, self.error = [], None
         self._worker = Worker(Job("scan", config_to_json(config)), self.context)
 
     def poll(self) -> bool:
         """True when the scan ended during this call."""
+        self._reaper.reap()
         if self._worker is None:
             return False
         for event in self._worker.drain():
@@ -266,6 +286,7 @@ class DataScan:
             elif isinstance(event, Failed):
                 self.error = event.message
         if self._worker.ended:
+            self._reaper.add(self._worker)
             self._worker = None
             return True
         return False

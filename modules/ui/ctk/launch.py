@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import tkinter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modules.config.loading import load_config
 from modules.ui.presets import PresetLibrary
 from modules.ui.trainer_app import TrainerApp
+
+if TYPE_CHECKING:
+    from modules.ui.ctk.window import TrainWindow
 
 
 class WindowError(Exception):
@@ -22,8 +26,9 @@ def open_window(
     appearance: str = "system",
     app: TrainerApp | None = None,
     presets: PresetLibrary | None = None,
-):  # -> TrainWindow (imported late: customtkinter needs a display only from here on)
-    """The window, shown and drawn, with `config_path` (or the defaults) loaded."""
+) -> TrainWindow:
+    """The window, shown and drawn, with `config_path` (or the defaults) loaded; customtkinter
+    is imported only here, so a missing display is one clear error."""
     if app is None:
         config = load_config(config_path) if config_path else None
         app = TrainerApp(config=config, presets=presets)

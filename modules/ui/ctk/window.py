@@ -8,6 +8,7 @@ on the Tk thread, so no widget is ever touched from another thread.
 from __future__ import annotations
 
 import contextlib
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -68,20 +69,13 @@ class TrainWindow(ctk.CTk):
         self.update_checks()
         self.protocol("WM_DELETE_WINDOW", self.close)
         self._poll_job = self.after(poll_ms, self._poll)
+        # the rest is built once the window has shown and drawn itself (events come first)
         self._idle_job: str | None = None
-        self.bind("<Map>", self._first_shown, add="+")
-        # back in the window: folders may have been made or moved meanwhile
-        self.bind("<FocusIn>", self._focused, add="+")
+        self.after_idle(self._schedule_background)
+        self._checked_disk_at = time.monotonic()
 
-    def _focused(self, event: Any) -> None:
-        if event.widget is self:
-            self.app.problems()
-            self.update_checks()
-
-    def _first_shown(self, event: Any) -> None:
-        """Once the window is on screen (and drawn first), build the rest in idle moments."""
-        if event.widget is self and self._idle_job is None:
-            self._idle_job = self.after(200, self._build_in_background)
+    def _schedule_background(self) -> None:
+        self._idle_job = self.after(200, self._build_in_background)
 
     def _build(self, tab: str) -> FormTab:
         if tab not in self.tabs:
@@ -313,12 +307,22 @@ class TrainWindow(ctk.CTk):
                 if isinstance(event, Failed):
                     self.show_message("The run stopped with an error", event.message)
             self._refresh_run(changed=bool(events))
+            self._recheck_disk()
             if self._closing and not self.app.run.running:
                 self.destroy()
                 return
         finally:
             if not self._destroyed:
                 self._poll_job = self.after(self.poll_ms, self._poll)
+
+    def _recheck_disk(self, every: float = 2.0) -> None:
+        """Folders may be made or moved while the window is open: look again now and then."""
+        if time.monotonic() - self._checked_disk_at < every:
+            return
+        self._checked_disk_at = time.monotonic()
+        before = self.app.form.issues()
+        if self.app.problems() != before:
+            self.update_checks()
 
     def _refresh_run(self, *, changed: bool = True) -> None:
         self.panel.show_run(self.app.run.progress, running=self.app.run.running)
