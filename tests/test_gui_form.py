@@ -137,8 +137,10 @@ def test_tricky_values_as_inputs_show_them() -> None:
     assert form.config() == config
     form.set("sampling.prompts", "one\n\n two  \n")
     form.set("model.unet.learning_rate", "  ")
+    form.set("optimizer.extra_kwargs", "")
     assert form.config().sampling.prompts == ["one", " two"]
     assert form.config().model.unet.learning_rate is None
+    assert form.config().optimizer.extra_kwargs == {}
 
 
 # -- messages: the CLI's own --------------------------------------------------------------------
@@ -317,6 +319,13 @@ def test_partly_given_parts_keep_their_declared_defaults() -> None:
     assert config.model.text_encoder.train is False
     flux = load_config(raw={"model": {"family": "flux", "transformer": {"learning_rate": 1e-4}}})
     assert flux.model.transformer.weight_dtype == "bfloat16"
+
+
+def test_scan_is_refused_while_the_config_is_invalid(tmp_path: Path) -> None:
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path))
+    app.form.add_item("data.concepts", path=str(tmp_path))
+    app.form.set("lora.rank", "0")
+    assert [p.key for p in app.scan_data()] == ["lora.rank"] and not app.scan.running
 
 
 def test_start_is_refused_with_the_list(tmp_path: Path) -> None:

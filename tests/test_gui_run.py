@@ -5,6 +5,7 @@ crashed worker)."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 from pathlib import Path
@@ -144,8 +145,53 @@ def test_a_worker_that_dies_is_reported(
 ) -> None:
     controller = RunController()
     controller.start(_tiny(tiny_sdxl_path, tiny_dataset_path, tmp_path))
+    deadline = time.monotonic() + 120
+    while controller.pid is None:  # started from a helper thread
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     os.kill(controller.pid, signal.SIGKILL)
     events = _wait(controller, timeout=30)
     assert events[-1] == Failed(
         "the train process ended unexpectedly (exit code -9)", 1, unexpected=True
     )
+
+
+class _SlowStart:
+    """A process whose start takes a while, as the first start with a fork server does while
+    the server imports torch; it then runs at once and reports an error."""
+
+    def __init__(self, target: Any, args: tuple, name: str) -> None:
+        self.events = args[1]
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+
+    def start(self) -> None:
+        time.sleep(1.0)
+        self.pid, self.exitcode = 1, 0
+        self.events.put(Failed("model.base_model: not found", 2))
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+class _SlowContext:
+    Queue = queue.Queue
+    Process = _SlowStart
+
+
+def test_start_does_not_wait_for_the_process_to_start(
+    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    controller = RunController(context=_SlowContext())
+    begun = time.monotonic()
+    controller.start(_tiny(tiny_sdxl_path, tiny_dataset_path, tmp_path))
+    assert time.monotonic() - begun < 0.5  # the window's thread is free meanwhile
+    assert controller.running and controller.pid is None and controller.poll() == []
+    events = _wait(controller, timeout=30)
+    assert events == [Failed("model.base_model: not found", 2)]

@@ -113,6 +113,8 @@ class FieldSpec:
             return text.strip()
         if self.kind is Kind.OPTIONAL_NUMBER and not text.strip():
             return None
+        if self.kind is Kind.JSON and not text.strip():
+            return {}  # a cleared box: no extra arguments
         if self.kind in (Kind.NUMBER, Kind.OPTIONAL_NUMBER, Kind.JSON):
             return json_or_text(text)
         if self.kind is Kind.LINES:

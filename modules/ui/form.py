@@ -208,7 +208,7 @@ class ConfigForm:
                 issues += [self._issue(i.key, i.message) for i in error.issues]
             else:
                 issues.append(Issue("", str(error)))
-        for spec in self.fields():
+        for spec in self._by_key.values():
             message = _missing_path(spec, spec.to_raw(self.get(spec.key)))
             if message:
                 issues.append(Issue(spec.key, message, spec.tab))

@@ -9,6 +9,7 @@ import datetime
 import multiprocessing
 import queue
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,11 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 class Worker:
-    """One job in a child process: its events, its commands and how it ended."""
+    """One job in a child process: its events, its commands and how it ended.
+
+    The process is started from a helper thread: with a fork server, the first start waits until
+    the server has imported torch and the trainer, which must not freeze the window.
+    """
 
     def __init__(self, job: Job, context: multiprocessing.context.BaseContext) -> None:
         self.kind = job.kind
@@ -58,20 +63,57 @@ class Worker:
         self.process = context.Process(
             target=run_job, args=(job, self.events, self.commands), name=f"geodesic-{job.kind}"
         )
-        self.process.start()
         self.ended = False
         self.cancelled = False
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        threading.Thread(target=self._start, name=f"start-{job.kind}", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            if not self.cancelled:
+                self.process.start()
+                if self.cancelled:  # cancelled while starting (see cancel)
+                    self.process.terminate()
+        except Exception as error:  # e.g. out of memory for a new process
+            self._start_error = error
+        finally:
+            self._started.set()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self._started.is_set() else None
 
     def send(self, command: Command) -> None:
         self.commands.put(command)
 
     def cancel(self) -> None:
-        """End the process now (before the first step there is nothing to back up)."""
+        """End the process now (before the first step there is nothing to back up). The flag is
+        set before the process is looked at, and the starter looks at the flag after starting,
+        so one of the two terminates it however they interleave."""
         self.cancelled = True
-        self.process.terminate()
+        if self.process.pid is not None:
+            self.process.terminate()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._started.wait(timeout) and self.process.pid is not None:
+            self.process.join(timeout)
+
+    def gone(self) -> bool:
+        """Started (or given up) and no longer running: nothing left to wait for."""
+        if not self._started.is_set():
+            return False
+        return self.process.pid is None or not self.process.is_alive()
 
     def drain(self) -> list[Any]:
         """Events that arrived; a final Failed/Cancelled when the process ended without one."""
+        if not self._started.is_set():
+            return []
+        if self.process.pid is None:  # never started: cancelled first, or it could not start
+            self.ended = True
+            if self.cancelled:
+                return [Cancelled()]
+            return [Failed(f"cannot start the {self.kind} process: {self._start_error}", 1, True)]
         alive = self.process.is_alive()  # before draining: a dead process has sent everything
         events = []
         while True:
@@ -95,6 +137,24 @@ class Worker:
         return events
 
 
+def warm_up(context: multiprocessing.context.BaseContext) -> None:
+    """Have the fork server import torch and the trainer now, in the background, so the first
+    Start does not wait for it (nothing to do where each run is a fresh interpreter)."""
+    if context.get_start_method() != "forkserver":
+        return
+
+    def start_nothing() -> None:
+        process = context.Process(target=_nothing, name="geodesic-warm-up")
+        process.start()
+        process.join()
+
+    threading.Thread(target=start_nothing, name="warm-up", daemon=True).start()
+
+
+def _nothing() -> None:
+    """The warm-up process's job."""
+
+
 class _Reaper:
     """Ended workers whose processes are still exiting (interpreter teardown takes a moment):
     joined once they are gone, never by blocking the GUI thread."""
@@ -108,8 +168,9 @@ class _Reaper:
 
     def reap(self) -> None:
         for worker in list(self.exiting):
-            if not worker.process.is_alive():
-                worker.process.join()
+            if worker.gone():
+                if worker.process.pid is not None:
+                    worker.process.join()
                 self.exiting.remove(worker)
 
 
@@ -207,8 +268,8 @@ class RunController:
 
     @property
     def pid(self) -> int | None:
-        """The worker process's id while a run is in progress."""
-        return self._worker.process.pid if self._worker is not None else None
+        """The worker process's id while a run is in progress (None until it has started)."""
+        return self._worker.pid if self._worker is not None else None
 
     def start(self, config: TrainConfig, *, resume: bool = False) -> None:
         if self.running:
@@ -251,7 +312,7 @@ class RunController:
     def wait(self, timeout: float | None = None) -> None:
         """Block until the worker process ends (closing the window)."""
         if self._worker is not None:
-            self._worker.process.join(timeout)
+            self._worker.wait(timeout)
 
 
 class DataScan:

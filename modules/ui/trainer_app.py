@@ -14,7 +14,7 @@ from modules.config.schema import TrainConfig
 from modules.errors import UserError
 from modules.ui.form import ConfigForm, Issue
 from modules.ui.presets import Preset, PresetLibrary
-from modules.ui.run_control import DataScan, RunController
+from modules.ui.run_control import DataScan, RunController, warm_up
 
 # Lines shown before Start for a valid config (e.g. a memory estimate): config -> lines.
 NoteProvider = Callable[[TrainConfig], Iterable[str]]
@@ -90,8 +90,9 @@ class TrainerApp:
         return []
 
     def scan_data(self) -> list[Issue]:
-        """Scan the concepts in the background (the report the CLI prints before training)."""
-        problems = [p for p in self.problems() if p.tab in ("data", "model") or not p.key]
+        """Scan the concepts in the background (the report the CLI prints before training); the
+        worker reads the whole config, so every problem refuses it, as it refuses Start."""
+        problems = self.problems()
         if problems:
             return problems
         self.scan.start(self.form.config())
@@ -114,6 +115,10 @@ class TrainerApp:
 
     def workspace(self) -> Path:
         return Path(str(self.form.raw()["output"]["workspace_dir"])).expanduser()
+
+    def warm_up(self) -> None:
+        """Prepare the worker processes' imports in the background (see run_control.warm_up)."""
+        warm_up(self.run.context)
 
     def poll(self) -> list[object]:
         """Run events since the last call (the view calls this from its event loop)."""

@@ -11,6 +11,7 @@ import contextlib
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import customtkinter as ctk
@@ -104,6 +105,7 @@ class TrainWindow(ctk.CTk):
         else:
             missing = [tab for tab in self.titles if tab not in self.tabs]
             if not missing:
+                self.app.warm_up()  # and now the first Start need not wait for torch
                 return
             self._build(missing[0])
         self._idle_job = self.after(20, self._build_in_background)
@@ -147,7 +149,10 @@ class TrainWindow(ctk.CTk):
         ctk.CTkLabel(frame, text="Presets", font=HEADING_FONT, anchor="w").grid(
             row=row, column=0, columnspan=2, sticky="w", padx=12, pady=(14, 2)
         )
-        where = f"Your presets (Save preset…) are kept in {self.app.presets.user_dir}"
+        folder = self.app.presets.user_dir
+        with contextlib.suppress(ValueError):  # shown as ~/... when under the home folder
+            folder = "~" / folder.relative_to(Path.home())
+        where = f"Your presets (Save preset…) are kept in {folder}"
         ctk.CTkLabel(frame, text=where, text_color=MUTED_COLOR, anchor="w").grid(
             row=row + 1, column=0, columnspan=2, sticky="w", padx=12
         )
