@@ -44,7 +44,7 @@ SMOKE_RUNS = {
         ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--no-write"],
         "| loader cost |",
     ),
-    "benchmark_gui.py": (["--opens", "1", "--steps", "2", "--no-write"], "| window open"),
+    "benchmark_gui.py": (["--opens", "1", "--steps", "2", "--no-write"], "| window open, first"),
 }
 # scripts that open a window: they need a display or Xvfb
 NEEDS_DISPLAY = {"benchmark_gui.py"}
