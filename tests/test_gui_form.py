@@ -20,6 +20,7 @@ from modules.models.registry import FAMILIES
 from modules.ui.fields import FieldSpec, Kind, ListSpec, form_fields
 from modules.ui.form import ConfigForm
 from modules.ui.presets import PresetLibrary, sparse
+from modules.ui.run_control import RunProgress
 from modules.ui.trainer_app import TABS, TrainerApp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,6 +360,24 @@ def test_valid_config_shows_its_notes_and_exports(tmp_path: Path) -> None:
     assert exported == app.form.config() and exported.lora.preconditioner == "riemannian"
     app.load_file(tmp_path / "export.json")
     assert app.form.config() == exported
+
+
+def test_status_says_how_the_last_run_ended(tmp_path: Path) -> None:
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path))
+    app.form.add_item("data.concepts", path=str(tmp_path))
+    assert app.status_lines() == [
+        f"ready: sdxl, saving to {app.form.config().output.workspace_dir}"
+    ]
+    backup = tmp_path / "backups" / "step-000003"
+    app.run.progress = RunProgress(state="stopped", step=3, last_backup=backup, notices=["data: 4"])
+    assert app.status_lines()[:4] == [
+        f"stopped at step 3; backup: {backup}",
+        "Resume continues from the newest backup.",
+        "data: 4",
+        "",
+    ]
+    app.run.progress = RunProgress(state="failed", error="model.base_model: not found")
+    assert app.status_lines()[0] == "error: model.base_model: not found"
 
 
 def test_every_spec_kind_is_covered() -> None:

@@ -28,20 +28,8 @@ from modules.lora.network import LoRANetwork
 from modules.models.base import Batch, ModelFamily
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
+from modules.training import events
 from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
-from modules.training.events import (
-    BackupWritten,
-    Command,
-    EventSink,
-    LoRASaved,
-    Notice,
-    Phase,
-    RunCommands,
-    SamplesWritten,
-    Started,
-    ValidationMeasured,
-    ignore,
-)
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
 from modules.training.optimizers import create_optimizer, create_scheduler
 from modules.training.preconditioning import attach_preconditioner
@@ -115,13 +103,13 @@ class TrainingRun:
         *,
         resume: str | None = None,
         resume_latest: bool = False,
-        on_event: EventSink = ignore,
+        on_event: events.EventSink = events.ignore,
     ) -> None:
         self.config = config
         self.on_event = on_event
         self.paths = RunPaths.from_config(config)
         # bad data fails here, before any model loads
-        on_event(Phase("scanning the data"))
+        on_event(events.Phase("scanning the data"))
         self.dataset = DataPipeline(
             config, latent_multiple=get_family(config.model.family).latent_multiple
         )
@@ -136,7 +124,7 @@ class TrainingRun:
             self._say(*self.dataset.report_lines())
         torch.manual_seed(config.training.seed)
         self.family = get_family(config.model.family)
-        on_event(Phase("loading the base model"))
+        on_event(events.Phase("loading the base model"))
         self.base = self.family.load(config)
         self.network = self._build_network()
         self.data = self.dataset.shard(
@@ -190,7 +178,7 @@ class TrainingRun:
             self.last_backup = resume_path
             log.info("resumed from %s at step %d", resume_path, self.state.progress.step)
         # latent / text caches (and encoder offload) once the model sits on its device
-        on_event(Phase("filling the latent and text caches"))
+        on_event(events.Phase("filling the latent and text caches"))
         self.dataset.prepare(family=self.family, model=self.base, accelerator=self.accelerator)
         self.validation_log: ValidationLog | None = None
 
@@ -230,10 +218,12 @@ class TrainingRun:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def run(self, stop: StopSignal | None = None, commands: RunCommands | None = None) -> RunResult:
+    def run(
+        self, stop: StopSignal | None = None, commands: events.RunCommands | None = None
+    ) -> RunResult:
         """Train; `commands` (sample, backup, stop) are obeyed at optimizer-step boundaries."""
         stop = stop or StopSignal()
-        commands = commands or RunCommands()
+        commands = commands or events.RunCommands()
         progress = self.state.progress
         main = self.accelerator.is_main_process
         if main:
@@ -251,7 +241,7 @@ class TrainingRun:
             bar_factory=tqdm,
             on_event=self.on_event,
         )
-        self.on_event(Started(step=progress.step, total_steps=self.total_steps))
+        self.on_event(events.Started(step=progress.step, total_steps=self.total_steps))
         start = progress.micro_batches
         with stop.installed(), self.dataset.stream(start=start) as batches:
             while progress.step < self.total_steps and not stop.requested:
@@ -282,7 +272,7 @@ class TrainingRun:
             if self.config.backup.on_interrupt:
                 self.backup()
             return self._result(interrupted=True)
-        self.on_event(Phase("saving the LoRA"))
+        self.on_event(events.Phase("saving the LoRA"))
         self.save(self.paths.output, final=True)
         self.validate(progress.step)
         if self.validation_log is not None:
@@ -318,20 +308,20 @@ class TrainingRun:
         if _every(step, config.backup.every_n_steps):
             self.backup()
 
-    def _obey(self, commands: list[Command], stop: StopSignal) -> None:
+    def _obey(self, commands: list[events.Command], stop: StopSignal) -> None:
         for command in commands:
-            if command is Command.SAMPLE:
+            if command is events.Command.SAMPLE:
                 self.sample(self.state.progress.step)
-            elif command is Command.BACKUP:
+            elif command is events.Command.BACKUP:
                 self.backup()
-            elif command is Command.STOP:
+            elif command is events.Command.STOP:
                 stop.request()
 
     def _say(self, *lines: str) -> None:
         """Print for the console and tell the watcher the same lines."""
         print("\n".join(lines), flush=True)
         for line in lines:
-            self.on_event(Notice(line))
+            self.on_event(events.Notice(line))
 
     def _result(self, *, interrupted: bool) -> RunResult:
         return RunResult(
@@ -351,7 +341,7 @@ class TrainingRun:
                 config_json=self.config_json,
                 keep_last=self.config.backup.keep_last,
             )
-            self.on_event(BackupWritten(self.state.progress.step, self.last_backup))
+            self.on_event(events.BackupWritten(self.state.progress.step, self.last_backup))
 
     def save(self, path: Path, *, final: bool = False) -> None:
         if not self.accelerator.is_main_process:
@@ -374,7 +364,7 @@ class TrainingRun:
             metadata=metadata,
             dtype=DTYPES[config.output.save_dtype],
         )
-        self.on_event(LoRASaved(self.state.progress.step, path, final=final))
+        self.on_event(events.LoRASaved(self.state.progress.step, path, final=final))
 
     def validate(self, step: int) -> None:
         """Log the validation loss (main process; other ranks go on to the next step)."""
@@ -390,7 +380,7 @@ class TrainingRun:
         if loss is not None:
             self.validation_log = self.validation_log or ValidationLog(self.paths.logs)
             self.validation_log.record(step, loss)
-            self.on_event(ValidationMeasured(step, loss))
+            self.on_event(events.ValidationMeasured(step, loss))
 
     def sample(self, step: int) -> None:
         if self.accelerator.is_main_process:
@@ -403,7 +393,7 @@ class TrainingRun:
                     folder=self.paths.samples / f"{step:06d}",
                 )
             if paths:
-                self.on_event(SamplesWritten(step, tuple(paths)))
+                self.on_event(events.SamplesWritten(step, tuple(paths)))
 
 
 def train(

@@ -113,8 +113,30 @@ class TrainerApp:
                 lines.append(str(error))
         return lines
 
-    def workspace(self) -> Path:
-        return Path(str(self.form.raw()["output"]["workspace_dir"])).expanduser()
+    def status_lines(self) -> list[str]:
+        """The status area: how the run is doing or how it ended, its notices (the data report),
+        then, while nothing runs, what Start would say."""
+        progress, running = self.run.progress, self.run.running
+        lines: list[str] = []
+        if running:
+            lines.append(
+                f"{progress.state}: {progress.phase}" if progress.phase else progress.state
+            )
+            if progress.last_backup:
+                lines.append(f"last backup: {progress.last_backup}")
+        elif progress.state == "finished":
+            lines.append(f"finished after {progress.step} steps; LoRA: {progress.output}")
+        elif progress.state == "stopped":
+            backup = progress.last_backup or "none (backup.on_interrupt is off)"
+            lines.append(f"stopped at step {progress.step}; backup: {backup}")
+            if progress.last_backup:
+                lines.append("Resume continues from the newest backup.")
+        elif progress.state == "failed":
+            lines.append(f"error: {progress.error}")
+        lines += progress.notices
+        if not running:
+            lines += [""] * bool(lines) + self.pre_start_lines()
+        return lines
 
     def warm_up(self) -> None:
         """Prepare the worker processes' imports in the background (see run_control.warm_up)."""

@@ -290,7 +290,7 @@ class TrainWindow(ctk.CTk):
             self._show_report(["scanning…"])
 
     def show_problems(self, problems: list[Issue]) -> None:
-        lines = [f"[{TABS.get(p.tab or '', 'General')}] {p.message}" for p in problems]
+        lines = [f"[{self.titles.get(p.tab or '', 'General')}] {p.message}" for p in problems]
         self.show_message(
             "Cannot start",
             f"{len(problems)} problem{'s' if len(problems) != 1 else ''} to fix first:\n\n"
@@ -335,27 +335,7 @@ class TrainWindow(ctk.CTk):
             self._update_status()
 
     def _update_status(self) -> None:
-        progress, running = self.app.run.progress, self.app.run.running
-        lines: list[str] = []
-        if running:
-            lines.append(
-                f"{progress.state}: {progress.phase}" if progress.phase else progress.state
-            )
-        elif progress.state == "finished":
-            lines.append(f"finished after {progress.step} steps; LoRA: {progress.output}")
-        elif progress.state == "stopped":
-            backup = progress.last_backup or "none (backup.on_interrupt is off)"
-            lines.append(f"stopped at step {progress.step}; backup: {backup}")
-            if progress.last_backup:
-                lines.append("Resume continues from the newest backup.")
-        elif progress.state == "failed":
-            lines.append(f"error: {progress.error}")
-        if progress.last_backup and running:
-            lines.append(f"last backup: {progress.last_backup}")
-        lines += progress.notices
-        if not running:
-            lines += [""] * bool(lines) + self.app.pre_start_lines()
-        self.panel.show_status(lines)
+        self.panel.show_status(self.app.status_lines())
 
     def _show_report(self, lines: list[str]) -> None:
         self.scan_report.configure(state="normal")
