@@ -26,16 +26,19 @@ def _hex(widget: Any, color: Any) -> str:
 
 
 class LossPlot:
-    """Training loss (raw and smoothed) and validation loss against the step, redrawn at most
-    a few times a second however fast steps arrive."""
+    """Training loss (raw and smoothed) and validation loss against the step. A redraw costs
+    the window about a tenth of a second (mostly tick labels), so it happens at most every
+    `min_interval` seconds however fast steps arrive; the margins are fixed, as a tight layout
+    would measure every label again on each draw."""
 
-    def __init__(self, parent: Any, *, min_interval: float = 0.4) -> None:
+    def __init__(self, parent: Any, *, min_interval: float = 1.5) -> None:
         from matplotlib.backends.backend_tkagg import FigureCanvasTkAgg
         from matplotlib.figure import Figure
 
         background = _hex(parent, ctk.ThemeManager.theme["CTkFrame"]["fg_color"])
         text = _hex(parent, ctk.ThemeManager.theme["CTkLabel"]["text_color"])
-        self.figure = Figure(figsize=(4.4, 2.3), dpi=100, facecolor=background, layout="tight")
+        self.figure = Figure(figsize=(4.4, 2.3), dpi=100, facecolor=background)
+        self.figure.subplots_adjust(left=0.15, right=0.97, top=0.95, bottom=0.2)
         axes = self.axes = self.figure.add_subplot(facecolor=background)
         (self.raw,) = axes.plot([], [], linewidth=1, alpha=0.35, color="#3b8ed0", label="loss")
         (self.smoothed,) = axes.plot([], [], linewidth=2, color="#3b8ed0", label="smoothed")
