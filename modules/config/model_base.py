@@ -67,9 +67,8 @@ def model_part(
     weight_dtype: Dtype = "float32",
 ) -> Any:
     """Declare one part of a family's base model as a field of its `model` section."""
-    defaults = {"train": train, "weight_dtype": weight_dtype}
     return Field(
-        default_factory=lambda: ModelPartConfig(**defaults),
+        default_factory=lambda: ModelPartConfig(train=train, weight_dtype=weight_dtype),
         description=help,
         json_schema_extra={
             "part": {
@@ -78,7 +77,6 @@ def model_part(
                 "text_encoder": text_encoder,
                 "trainable": trainable,
             },
-            "part_defaults": defaults,
         },
     )
 
@@ -111,7 +109,7 @@ class FamilyModelConfig(Section):
         "whose configs, tokenizers and missing parts are used (needed offline).",
         tab="model",
         label="Single-file config folder",
-        widget=PathInput("folder", must_exist=True),
+        widget=PathInput("folder"),
         advanced=True,
     )
     train_dtype: Dtype = option(
@@ -143,17 +141,18 @@ class FamilyModelConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _part_defaults(cls, data: Any) -> Any:
-        """A part given in part (`"text_encoder": {"weight_dtype": "bfloat16"}`) keeps its
-        declared defaults for the rest: that text encoder still does not train."""
+        """A part given only in part (`"text_encoder": {"weight_dtype": "bfloat16"}`) keeps its
+        declared defaults for the rest, not ModelPartConfig's: `train` stays false for a text
+        encoder instead of turning on."""
         if not isinstance(data, dict):
             return data
-        data = dict(data)
+        merged = dict(data)
         for name, info in cls.model_fields.items():
-            extra = info.json_schema_extra
-            defaults = extra.get("part_defaults") if isinstance(extra, dict) else None
-            if defaults and isinstance(data.get(name), dict):
-                data[name] = {**defaults, **data[name]}
-        return data
+            given = data.get(name)
+            if isinstance(given, dict) and part_spec(name, info) is not None:
+                declared = info.default_factory().model_dump()
+                merged[name] = {**declared, **given}
+        return merged
 
     @model_validator(mode="after")
     def _parts_valid(self) -> FamilyModelConfig:
