@@ -12,12 +12,13 @@ from PIL import ImageColor
 from pydantic import Field, field_validator
 
 from modules.config.fields import PathInput, Section, option
+from modules.config.local_paths import LocalPath
 
 
 class ConceptConfig(Section):
     """One folder of training images and how its captions are built."""
 
-    path: str = option(
+    path: LocalPath = option(
         "",
         help="Folder of training images.",
         tab="data",
@@ -275,7 +276,7 @@ class DataConfig(Section):
         label="Offload encoders after caching",
         advanced=True,
     )
-    cache_dir: str = option(
+    cache_dir: LocalPath = option(
         "",
         help="Folder for the latent and text caches; empty means <workspace>/cache. Runs that "
         "share it share cached entries.",

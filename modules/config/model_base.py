@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
 from modules.config.fields import PathInput, Section, option
+from modules.config.local_paths import LocalPath, LocalPathOrRepoId
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -95,7 +96,7 @@ class FamilyModelConfig(Section):
     lora_formats: ClassVar[tuple[str, ...]] = ("kohya", "diffusers")
 
     family: str
-    base_model: str = option(
+    base_model: LocalPathOrRepoId = option(
         "",
         help="Base model: a local diffusers folder, a Hugging Face repo id (online only), or a "
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
@@ -103,10 +104,11 @@ class FamilyModelConfig(Section):
         label="Base model",
         widget=PathInput("file_or_folder", suffixes=(".safetensors",)),
     )
-    single_file_config: str = option(
+    single_file_config: LocalPath = option(
         "",
         help="For single-file checkpoints: a local diffusers folder of the same architecture "
-        "whose configs, tokenizers and missing parts are used (needed offline).",
+        "whose configs, tokenizers and missing parts are used (SDXL: needed offline; Flux: "
+        "always, its single files hold only the transformer; online a repo id works too).",
         tab="model",
         label="Single-file config folder",
         widget=PathInput("folder"),
