@@ -49,15 +49,17 @@ def _cli_message(raw: dict[str, Any], key: str, text: str) -> str:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_config_value_has_an_input_on_a_known_tab(family: str) -> None:
     """Every value of the config is editable (no field needs a GUI edit to appear); only the
-    version and the switch of a part that can never train are left out."""
+    version and the training settings (switch, learning rate) of a part that can never train
+    are left out."""
     form = ConfigForm(TrainConfig.model_validate({"model": {"family": family}}))
     form.add_item("data.concepts")
     form.add_item("data.validation.concepts")
     keys = {spec.key for spec in form.fields()}
     frozen = {
-        f"model.{spec.name}.train"
+        f"model.{spec.name}.{setting}"
         for spec in FAMILIES[family][0].part_specs()
         if not spec.trainable
+        for setting in ("train", "learning_rate")
     }
     expected = set(_leaves(form.raw())) - {"config_version"} - frozen
     assert keys == expected
@@ -268,6 +270,8 @@ def test_family_switch_brings_the_family_fields() -> None:
     assert changes[-1].structure and form.family == "flux"
     keys = {spec.key for spec in form.fields()}
     assert "model.transformer.train" in keys and "model.unet.train" not in keys
+    t5 = {key for key in keys if key.startswith("model.text_encoder_2.")}
+    assert t5 == {"model.text_encoder_2.weight_dtype"}  # always frozen: only its dtype
     assert not form.applies("model.shift")
     form.set("model.timestep_shift", "fixed")
     assert form.applies("model.shift")

@@ -29,7 +29,7 @@ from modules.training.events import (
 from modules.training.trainer import TrainingRun
 from modules.ui.run_control import Cancelled, RunController, RunProgress
 from modules.ui.worker import Failed, Finished
-from tests.helpers import tiny_config
+from tests.helpers import TinyModel, tiny_config
 
 
 def _tiny(model: Path, data: Path, workspace: Path, **sections: dict[str, Any]) -> Any:
@@ -50,16 +50,18 @@ def _wait(controller: RunController, timeout: float = 240) -> list[Any]:
 
 
 def test_run_reports_progress_and_obeys_commands(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    """Sample now and Backup now at step 1, Stop at step 2: each at that step boundary."""
-    config = _tiny(
-        tiny_sdxl_path,
+    """Sample now and Backup now at step 1, Stop at step 2: each at that step boundary (the
+    same events and commands for every family)."""
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         training={"max_steps": 5},
         sampling={"prompts": ["a red circle"], "steps": 2, "at_end": False},
     )
+    raw["data"]["workers"] = 0
+    config = load_config(raw=raw)
     events: list[Any] = []
     commands = RunCommands()
 

@@ -16,6 +16,9 @@ from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
 from modules.data.scan import ScanIndex, scan_concepts
 from modules.errors import UserError
+from modules.lora.formats import read_lora_metadata
+from modules.models.registry import FAMILIES
+from modules.ui.fields import FieldSpec
 from modules.ui.presets import PresetLibrary
 from tests.helpers import REPO, run_cli, tiny_config
 
@@ -191,6 +194,10 @@ def test_builtin_preset_round_trips_through_the_window(
                 assert field.var.get() == value, field.spec.key
             shown += 1
     assert shown >= 80
+    top_level = {spec.key for spec in window.app.form.specs if isinstance(spec, FieldSpec)}
+    assert top_level <= shown_keys(window)  # the preset's family's inputs, and only those
+    assert shown_keys(window) <= form_keys(window)
+    assert window.tabs["model"].inputs["model.family"].var.get() == load_config(preset).model.family
     data = load_config(preset).data
     for concept in [*data.concepts, *data.validation.concepts]:
         Path(concept.path).mkdir(parents=True, exist_ok=True)
@@ -202,21 +209,70 @@ def test_builtin_preset_round_trips_through_the_window(
     assert load_config(path) == load_config(preset)
 
 
+def shown_keys(window: Any) -> set[str]:
+    """The config keys of every input the window holds (all tabs)."""
+    return {field.spec.key for tab in window.tabs.values() for field in tab.all_inputs()}
+
+
+def form_keys(window: Any) -> set[str]:
+    """The config keys the form has fields for (list items included)."""
+    return {spec.key for spec in window.app.form.fields()}
+
+
 def test_family_switch_rebuilds_the_model_tab(window: Any) -> None:
+    """Choosing flux in the family menu brings Flux's parts and options on every tab and takes
+    SDXL's away (its widgets are gone, not hidden); choosing sdxl again brings them back."""
+    sdxl = shown_keys(window)
+    assert sdxl == form_keys(window)
+    old_unet = window.tabs["lora"].inputs["model.unet.train"].widget
     model = window.show_tab("model")
     model.inputs["model.family"].widget._dropdown_callback("flux")
     pump(window)
+    assert window.app.form.family == "flux"
+    flux = shown_keys(window)
+    assert flux == form_keys(window)
+    assert {"model.prediction_type", "model.unet.train", "model.unet.weight_dtype"} <= sdxl - flux
+    assert {"model.guidance", "model.timestep_sampling", "model.quantize_base"} <= flux - sdxl
+    assert not old_unet.winfo_exists()
+
+    # one train / learning rate / weight dtype input per part, labelled with the part's name
     model = window.tabs["model"]
-    assert "model.quantize_base" in model.inputs and "model.prediction_type" not in model.inputs
-    parts = {k for k in window.tabs["lora"].inputs if k.endswith(".train")}
-    assert parts == {"model.transformer.train", "model.text_encoder.train"}
+    assert model.inputs["model.family"].var.get() == "flux"
+    specs = FAMILIES["flux"][0].part_specs()
+    for setting, tab in [
+        ("train", "lora"),
+        ("learning_rate", "training"),
+        ("weight_dtype", "model"),
+    ]:
+        inputs = window.tabs[tab].inputs
+        shown = {
+            key.split(".")[1]: inputs[key].label.cget("text")
+            for key in inputs
+            if key.startswith("model.") and key.endswith(f".{setting}")
+        }
+        trainable = [s for s in specs if s.trainable or setting == "weight_dtype"]
+        assert shown == {s.name: s.label for s in trainable}, setting
+    assert window.tabs["model"].inputs["model.transformer.weight_dtype"].var.get() == "bfloat16"
+
+    window.show_tab("model")
+    pump(window)
+    guidance = model.inputs["model.guidance"]
+    assert guidance.visible and guidance.widget.winfo_ismapped()
     assert not model.inputs["model.shift"].visible
     model.inputs["model.timestep_shift"].widget._dropdown_callback("fixed")
     window.advanced.toggle()
     pump(window)
-    assert model.inputs["model.shift"].visible
+    assert (
+        model.inputs["model.shift"].visible and model.inputs["model.shift"].widget.winfo_ismapped()
+    )
     window.advanced.toggle()
     pump(window)
+    assert "comfyui" in window.tabs["general"].inputs["output.format"].spec.choices
+
+    window.tabs["model"].inputs["model.family"].widget._dropdown_callback("sdxl")
+    pump(window)
+    assert shown_keys(window) == sdxl
+    assert window.app.form.config().model == FAMILIES["sdxl"][0]()
 
 
 def test_concepts_are_added_edited_and_removed(window: Any, tmp_path: Path) -> None:
@@ -342,6 +398,50 @@ def test_a_run_error_is_a_dialog_then_the_next_run_finishes(
         f"finished after 4 steps; LoRA: {workspace / 'test-lora.safetensors'}"
     )
     assert any(line.startswith("data: 4 images") for line in panel.status_lines)
+
+
+def test_flux_chosen_in_the_window_trains_through_the_same_run(
+    window: Any,
+    tmp_path: Path,
+    tiny_sdxl_path: Path,
+    tiny_flux_path: Path,
+    tiny_dataset_path: Path,
+) -> None:
+    """An SDXL config loaded, then flux chosen in the family menu and its model set up in the
+    Model tab's inputs: Start trains a Flux LoRA (progress, samples) as it trains SDXL's."""
+    preset = tiny_preset(
+        tmp_path,
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        sampling={"prompts": ["a red circle"], "steps": 2, "at_end": True},
+        training={"max_steps": 3},
+    )
+    load_through_button(window, preset)
+    window.show_tab("model").inputs["model.family"].widget._dropdown_callback("flux")
+    pump(window)
+    model = window.tabs["model"]
+    assert model.inputs["model.base_model"].var.get() == ""  # SDXL's model is not Flux's
+    type_into(window, model.inputs["model.base_model"], str(tiny_flux_path))
+    type_into(window, model.inputs["model.t5_max_length"], "16")  # fast steps on the CPU
+    for part in FAMILIES["flux"][0].part_specs():
+        model.inputs[f"model.{part.name}.weight_dtype"].widget._dropdown_callback("float32")
+    pump(window)
+    assert window.app.problems() == []
+    config = window.app.form.config()
+    assert config.model.family == "flux" and config.model.trained_parts() == ["transformer"]
+
+    panel = window.panel
+    panel.start_button.invoke()
+    wait_for_run(window)
+    assert not window.messages, window.messages[0].message
+    workspace = tmp_path / "ws"
+    lora = workspace / "test-lora.safetensors"
+    assert read_lora_metadata(lora)["ss_base_model_version"] == "flux1"
+    assert load_config(workspace / "config.json") == config
+    assert panel.progress_bar.get() == 1.0
+    assert panel.summary.cget("text").startswith("step 3/3 · loss ")
+    assert panel.samples.shown == (workspace / "samples" / "000003" / "00.png",)
+    assert panel.status_lines[0] == f"finished after 3 steps; LoRA: {lora}"
 
 
 def test_stop_writes_a_backup_and_resume_finishes(

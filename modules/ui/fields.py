@@ -211,8 +211,8 @@ def _walk(
             yield ListSpec(path, place.label, group or _title(name), help_text, place, item)
             continue
         label, heading = (part.label, place.label) if part is not None else (place.label, group)
-        if part is not None and name == "train" and not part.trainable:
-            continue  # a part that always stays frozen has no switch
+        if part is not None and not part.trainable and _of_training(name, place):
+            continue  # a part that always stays frozen: no switch, nor settings of its training
         kind, choices = _kind(info.annotation, place)
         yield FieldSpec(
             path=path,
@@ -226,6 +226,11 @@ def _walk(
             bounds=_bounds(info),
             part=part.name if part is not None else None,
         )
+
+
+def _of_training(name: str, place: GuiPlace) -> bool:
+    """A part's `train` switch, or a setting that applies only while the part trains."""
+    return name == "train" or ("train", (True,)) in place.applies_when
 
 
 def _kind(annotation: Any, place: GuiPlace) -> tuple[Kind, tuple[str, ...]]:
