@@ -270,6 +270,7 @@ def test_family_switch_brings_the_family_fields() -> None:
     assert changes[-1].structure and form.family == "flux"
     keys = {spec.key for spec in form.fields()}
     assert "model.transformer.train" in keys and "model.unet.train" not in keys
+    assert form.spec("output.format").choices == ("kohya", "diffusers", "comfyui")
     t5 = {key for key in keys if key.startswith("model.text_encoder_2.")}
     assert t5 == {"model.text_encoder_2.weight_dtype"}  # always frozen: only its dtype
     assert not form.applies("model.shift")
@@ -278,8 +279,11 @@ def test_family_switch_brings_the_family_fields() -> None:
     config = form.config()
     assert config.model.family == "flux" and config.lora.rank == 8
     assert config.model.transformer.weight_dtype == "bfloat16"
+    form.set("output.format", "comfyui")
     form.set("model.family", "sdxl")
     assert form.config().model == FAMILIES["sdxl"][0]()
+    assert form.spec("output.format").choices == ("kohya", "diffusers")
+    assert form.config().output.format == "kohya"  # SDXL has no ComfyUI layout
 
 
 # -- presets, files, Start ----------------------------------------------------------------------

@@ -267,11 +267,14 @@ def test_family_switch_rebuilds_the_model_tab(window: Any) -> None:
     )
     window.advanced.toggle()
     pump(window)
-    assert "comfyui" in window.tabs["general"].inputs["output.format"].spec.choices
+    layouts = window.tabs["general"].inputs["output.format"].widget
+    assert layouts.winfo_exists() and layouts.cget("values") == ["kohya", "diffusers", "comfyui"]
 
     window.tabs["model"].inputs["model.family"].widget._dropdown_callback("sdxl")
     pump(window)
     assert shown_keys(window) == sdxl
+    layouts = window.tabs["general"].inputs["output.format"].widget
+    assert layouts.cget("values") == ["kohya", "diffusers"]
     assert window.app.form.config().model == FAMILIES["sdxl"][0]()
 
 

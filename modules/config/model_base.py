@@ -123,6 +123,12 @@ class FamilyModelConfig(Section):
     )
 
     @classmethod
+    def narrowed_choices(cls) -> dict[str, tuple[str, ...]]:
+        """Other sections' choices this family takes (config key -> values): the GUI offers
+        only these; TrainConfig's own checks refuse the rest."""
+        return {"output.format": cls.lora_formats}
+
+    @classmethod
     def part_specs(cls) -> list[PartSpec]:
         """The family's parts, in declaration order."""
         specs = (part_spec(name, info) for name, info in cls.model_fields.items())

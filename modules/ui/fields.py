@@ -10,6 +10,7 @@ plain text when not valid JSON), so a bad value gets exactly the CLI's message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import types
@@ -175,7 +176,16 @@ def _number_text(value: Any) -> str:
 def form_fields(family: str) -> list[Spec]:
     """Every editable field of a config whose model section is `family`'s, in schema order."""
     defaults = TrainConfig.model_validate({"model": {"family": family}}).model_dump(mode="json")
-    return list(_walk(TrainConfig, (), defaults, group="", part=None, family=family))
+    narrowed = FAMILIES[family][0].narrowed_choices()
+    specs = _walk(TrainConfig, (), defaults, group="", part=None, family=family)
+    return [_narrow(spec, narrowed.get(spec.key)) for spec in specs]
+
+
+def _narrow(spec: Spec, allowed: tuple[str, ...] | None) -> Spec:
+    """A choice offering only the values the model family takes (output.format's layouts)."""
+    if allowed is None or not isinstance(spec, FieldSpec):
+        return spec
+    return dataclasses.replace(spec, choices=tuple(c for c in spec.choices if c in allowed))
 
 
 def _walk(

@@ -231,8 +231,8 @@ class ConfigForm:
         return Issue("", message)
 
     def _switch_family(self, family: str) -> None:
-        """Another family's model section with its own defaults (its parts differ); the output
-        format changes only when the family does not write the current one."""
+        """Another family's model section with its own defaults (its parts differ); a choice the
+        family narrows (the output format) changes only when the family does not take it."""
         section_class = FAMILIES[family][0]
         self._doc["model"] = section_class().model_dump(mode="json")
         self._specs = form_fields(family)
@@ -240,8 +240,10 @@ class ConfigForm:
         for spec in self._by_key.values():
             if spec.path[0] == "model":
                 _put(self._doc, spec.path, spec.to_widget(_at(self._doc, spec.path)))
-        if self._doc["output"]["format"] not in section_class.lora_formats:
-            self._doc["output"]["format"] = section_class.lora_formats[0]
+        for key, allowed in section_class.narrowed_choices().items():
+            path = self._by_key[key].path
+            if _at(self._doc, path) not in allowed:
+                _put(self._doc, path, allowed[0])
         self._changed(FormChange(None, structure=True))
 
     def _restructure(self) -> None:

@@ -139,11 +139,12 @@ class FormTab:
         self.inputs: dict[str, FieldInput] = {}
         self.lists: list[ListEditor] = []
         self.headings: list[tuple[ctk.CTkLabel, list[str]]] = []
-        self._signature: tuple[str, ...] = ()
+        self._signature: tuple[Spec, ...] = ()
         self.build()
 
-    def signature(self) -> tuple[str, ...]:
-        return tuple(spec.key for spec in self.form.tab_specs(self.tab))
+    def signature(self) -> tuple[Spec, ...]:
+        """What the tab shows: its specs (a family switch changes keys, or only choices)."""
+        return tuple(self.form.tab_specs(self.tab))
 
     def build(self) -> None:
         for child in self.frame.winfo_children():
