@@ -1,4 +1,5 @@
-"""Take a PNG of each tab of the trainer window into docs/images/ (gui-<tab>.png).
+"""Take a PNG of each tab of the trainer window into docs/images/ (gui-<tab>.png, and
+gui-model-flux.png: the Model tab with the Flux family chosen).
 
     python scripts/screenshots.py [--steps 30] [--appearance dark]
 
@@ -96,6 +97,11 @@ def main() -> int:
             grab(window, IMAGES / f"gui-{tab}.png", display)
             if tooltip is not None:
                 tooltip.hide()
+        # the Model tab as Flux shows it: choosing the family rebuilds it with Flux's parts
+        window.app.form.set("model.family", "flux")
+        window.show_tab("model")
+        pump(window, lambda: True, timeout=5)
+        grab(window, IMAGES / "gui-model-flux.png", display)
         window.destroy()
     return 0
 
