@@ -12,14 +12,21 @@ from typing import Literal
 from PIL import ImageColor
 from pydantic import Field, field_validator
 
-from modules.config.fields import SEED_MAX, Section, option
+from modules.config.fields import SEED_MAX, PathInput, Section, option
 from modules.config.local_paths import LocalPath
 
 
 class ConceptConfig(Section):
     """One folder of training images and how its captions are built."""
 
-    path: LocalPath = option("", help="Folder of training images.", tab="data", label="Folder")
+    path: LocalPath = option(
+        "",
+        help="Folder of training images.",
+        tab="data",
+        label="Folder",
+        widget=PathInput("folder", must_exist=True),
+        min_length=1,
+    )
     recursive: bool = option(
         False, help="Also take images from sub-folders.", tab="data", label="Include sub-folders"
     )
@@ -51,6 +58,7 @@ class ConceptConfig(Section):
         help="Extension of sidecar caption files (caption_source txt).",
         tab="data",
         label="Caption extension",
+        applies_when={"caption_source": "txt"},
         advanced=True,
         min_length=1,
     )
@@ -60,12 +68,14 @@ class ConceptConfig(Section):
         "of training them with an empty caption.",
         tab="data",
         label="Require captions",
+        applies_when={"caption_source": "txt"},
     )
     prompt: str = option(
         "",
         help="The caption of every image when caption_source is prompt.",
         tab="data",
         label="Fixed prompt",
+        applies_when={"caption_source": "prompt"},
     )
     trigger_word: str = option(
         "",
@@ -200,6 +210,7 @@ class DataConfig(Section):
         help="Most elongated bucket (long side / short side); more extreme images are cropped.",
         tab="data",
         label="Max bucket aspect ratio",
+        applies_when={"bucketing": True},
         advanced=True,
         ge=1,
     )
@@ -250,6 +261,7 @@ class DataConfig(Section):
         help="Loss weight of the black (masked-out) area with masked training.",
         tab="data",
         label="Unmasked weight",
+        applies_when={"masked_training": True},
         ge=0,
         le=1,
     )
@@ -281,6 +293,7 @@ class DataConfig(Section):
         "share it share cached entries.",
         tab="data",
         label="Cache folder",
+        widget=PathInput("folder"),
         advanced=True,
     )
     workers: int = option(

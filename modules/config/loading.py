@@ -6,6 +6,7 @@ import copy
 import difflib
 import json
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,22 @@ from modules.errors import UserError
 from modules.util.atomic import atomic_write_text
 
 
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One invalid value: the key path it is about (`lora.rank`; a section's own checks name the
+    section) and the line the CLI prints for it, without the source."""
+
+    key: str
+    message: str
+
+
 class ConfigError(UserError):
-    """A config problem; the message names the source, the key path and the fix."""
+    """A config problem; the message names the source, the key path and the fix. `issues` holds
+    the schema's complaints one by one (empty for unreadable files and failed migrations)."""
+
+    def __init__(self, message: str, issues: tuple[ConfigIssue, ...] = ()) -> None:
+        super().__init__(message)
+        self.issues = issues
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -121,8 +136,9 @@ def load_config(
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        lines = [describe_error(item) for item in error.errors()]
-        raise ConfigError("\n".join(f"{source}: {line}" for line in lines)) from None
+        issues = tuple(describe_issue(item) for item in error.errors())
+        lines = [f"{source}: {issue.message}" for issue in issues]
+        raise ConfigError("\n".join(lines), issues) from None
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -219,6 +235,11 @@ _RANGE_ERRORS = {
     "less_than_equal",
     "multiple_of",
 }
+
+
+def describe_issue(item: dict[str, Any]) -> ConfigIssue:
+    loc, _, _ = _resolve(tuple(item["loc"]))
+    return ConfigIssue(key=".".join(str(k) for k in loc), message=describe_error(item))
 
 
 def describe_error(item: dict[str, Any]) -> str:

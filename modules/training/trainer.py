@@ -32,7 +32,7 @@ from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
-from modules.training import nonfinite
+from modules.training import events, nonfinite
 from modules.training.backup import (
     Progress,
     TrainingState,
@@ -120,14 +120,25 @@ def _every(step: int, interval: int) -> bool:
 
 
 class TrainingRun:
-    """One run of a config; `run()` trains until done or until the StopSignal is set."""
+    """One run of a config; `run()` trains until done or until the StopSignal is set.
+
+    `on_event` receives progress events (modules/training/events.py) for a watcher such as the
+    GUI; the CLI leaves it out.
+    """
 
     def __init__(
-        self, config: TrainConfig, *, resume: str | None = None, resume_latest: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | None = None,
+        resume_latest: bool = False,
+        on_event: events.EventSink = events.ignore,
     ) -> None:
         self.config = config
+        self.on_event = on_event
         self.paths = RunPaths.from_config(config)
         # bad data fails here, before any model loads
+        on_event(events.Phase("scanning the data"))
         self.dataset = DataPipeline(
             config, latent_multiple=get_family(config.model.family).latent_multiple
         )
@@ -145,9 +156,10 @@ class TrainingRun:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
         if self.accelerator.is_main_process:
-            print("\n".join(self.dataset.report_lines()), flush=True)
+            self._say(*self.dataset.report_lines())
             for line in resume_plan.warnings if resume_plan else []:
                 log.warning("%s", line)
+                on_event(events.Notice(line))
             for line in resume_plan.notes if resume_plan else []:
                 log.info("%s", line)
         self.data = self.dataset.shard(
@@ -159,6 +171,7 @@ class TrainingRun:
         check_optimizer(config.optimizer, self.accelerator.device)
         torch.manual_seed(config.training.seed)
         self.family = get_family(config.model.family)
+        on_event(events.Phase("loading the base model"))
         self.base = self.family.load(config)
         self.network = self._build_network()
         self.total_steps = config.training.max_steps or math.ceil(
@@ -207,6 +220,7 @@ class TrainingRun:
             self.last_backup = backup.path
             log.info("resumed from %s at step %d", backup.path, self.state.progress.step)
         # latent / text caches (and encoder offload) once the model sits on its device
+        on_event(events.Phase("filling the latent and text caches"))
         self.dataset.prepare(family=self.family, model=self.base, accelerator=self.accelerator)
         self.validation_log: ValidationLog | None = None
 
@@ -272,18 +286,21 @@ class TrainingRun:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def run(self, stop: StopSignal | None = None) -> RunResult:
+    def run(
+        self, stop: StopSignal | None = None, commands: events.RunCommands | None = None
+    ) -> RunResult:
+        """Train; `commands` (sample, backup, stop) are obeyed at optimizer-step boundaries."""
         stop = stop or StopSignal()
+        commands = commands or events.RunCommands()
         progress = self.state.progress
         main = self.accelerator.is_main_process
         if main:
             self._remove_leftovers()
             save_config(self.config, self.paths.workspace / "config.json")
-            print(
+            self._say(
                 f"training {len(self.network.adapters)} LoRA layers for {self.total_steps} steps "
                 f"({len(self.dataset.train.samples)} images, "
-                f"{self.data.micro_per_epoch} micro-batches/epoch)",
-                flush=True,
+                f"{self.data.micro_per_epoch} micro-batches/epoch)"
             )
         run_log = RunLog(
             logs_dir=self.paths.logs,
@@ -291,7 +308,9 @@ class TrainingRun:
             initial_step=progress.step,
             enabled=main,
             bar_factory=tqdm,
+            on_event=self.on_event,
         )
+        self.on_event(events.Started(step=progress.step, total_steps=self.total_steps))
         start = progress.micro_batches
         # the bar is closed however the loop ends, so an error prints on a line of its own
         with run_log, stop.installed(), self.dataset.stream(start=start) as batches:
@@ -317,11 +336,13 @@ class TrainingRun:
                         skipped=progress.skipped_steps,
                     )
                     self._periodic(progress.step)
+                    self._obey(commands.take(), stop)
         if stop.requested and progress.step < self.total_steps:
             if self.config.backup.on_interrupt:
                 self.backup()
             return self._result(interrupted=True)
-        self.save(self.paths.output)
+        self.on_event(events.Phase("saving the LoRA"))
+        self.save(self.paths.output, final=True)
         self.validate(progress.step)
         if self.validation_log is not None:
             self.validation_log.close()
@@ -378,6 +399,21 @@ class TrainingRun:
         if _every(step, config.backup.every_n_steps):
             self.backup()
 
+    def _obey(self, commands: list[events.Command], stop: StopSignal) -> None:
+        for command in commands:
+            if command is events.Command.SAMPLE:
+                self.sample(self.state.progress.step)
+            elif command is events.Command.BACKUP:
+                self.backup()
+            elif command is events.Command.STOP:
+                stop.request()
+
+    def _say(self, *lines: str) -> None:
+        """Print for the console and tell the watcher the same lines."""
+        print("\n".join(lines), flush=True)
+        for line in lines:
+            self.on_event(events.Notice(line))
+
     def _result(self, *, interrupted: bool) -> RunResult:
         return RunResult(
             paths=self.paths,
@@ -405,8 +441,9 @@ class TrainingRun:
             dataset=self.dataset.train.fingerprint(),
             keep_last=self.config.backup.keep_last,
         )
+        self.on_event(events.BackupWritten(self.state.progress.step, self.last_backup))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, final: bool = False) -> None:
         config = self.config
         nonfinite.check_saveable(  # on every rank, so all of them stop together
             self.network,
@@ -436,6 +473,7 @@ class TrainingRun:
             metadata=metadata,
             dtype=DTYPES[config.output.save_dtype],
         )
+        self.on_event(events.LoRASaved(self.state.progress.step, path, final=final))
 
     def validate(self, step: int) -> None:
         """Log the validation loss (main process; other ranks go on to the next step)."""
@@ -451,17 +489,20 @@ class TrainingRun:
         if loss is not None:
             self.validation_log = self.validation_log or ValidationLog(self.paths.logs)
             self.validation_log.record(step, loss)
+            self.on_event(events.ValidationMeasured(step, loss))
 
     def sample(self, step: int) -> None:
         if self.accelerator.is_main_process:
             with self.dataset.encoders.on_device():  # offloaded encoders visit the GPU
-                write_samples(
+                paths = write_samples(
                     family=self.family,
                     base=self.base,
                     config=self.config.sampling,
                     resolution=self.config.data.resolution,
                     folder=self.paths.samples / f"{step:06d}",
                 )
+            if paths:
+                self.on_event(events.SamplesWritten(step, tuple(paths)))
 
 
 def train(
