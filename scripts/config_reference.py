@@ -125,7 +125,12 @@ def gui_text(info: FieldInfo) -> str:
     if place is None:
         return ""
     advanced = ", advanced" if place.advanced else ""
-    return f'"{place.label}" on the {place.tab} tab{advanced}'
+    when = " and ".join(
+        f"{name} is {' or '.join(json.dumps(v) for v in values)}"
+        for name, values in place.applies_when
+    )
+    shown = f", shown when {when}" if when else ""
+    return f'"{place.label}" on the {place.tab} tab{advanced}{shown}'
 
 
 def field_doc(key: str, info: FieldInfo, default: Any) -> FieldDoc:

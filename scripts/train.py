@@ -47,6 +47,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 never crashes output
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # before training started (or Ctrl-C twice): no traceback
+        print(
+            "\nerror: interrupted (Ctrl-C); nothing was saved since the last backup",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     quiet_library_notices()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(config_to_json(config))
             return 0
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         from modules.training.trainer import train
 
-        result = train(config, resume=args.resume or None, resume_latest=args.resume == "")
+        # log lines go above an open progress bar instead of being glued to it
+        with logging_redirect_tqdm():
+            result = train(config, resume=args.resume or None, resume_latest=args.resume == "")
     except (UserError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

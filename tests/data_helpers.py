@@ -71,3 +71,17 @@ def write_huge_png_header(path: Path, side: int = 30_000) -> Path:
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     return path
+
+
+def write_header_only_jpeg(path: Path, side: int = 11_000) -> Path:
+    """A JPEG whose header claims side x side pixels (121 Mpx by default) and whose scan stops
+    right after it: libjpeg decodes it as flat grey without an error."""
+    buffer = io.BytesIO()
+    noise_image(16, 16).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0")  # SOF0: length, precision, then height and width
+    struct.pack_into(">HH", data, frame + 5, side, side)
+    scan = data.index(b"\xff\xda")  # SOS header, then entropy-coded data we leave out
+    (length,) = struct.unpack(">H", data[scan + 2 : scan + 4])
+    path.write_bytes(bytes(data[: scan + 2 + length]) + b"\xff\xd9")
+    return path

@@ -75,9 +75,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: float = 300, **env: str
+    *args: str,
+    launcher: tuple[str, ...] = (sys.executable,),
+    timeout: float = 300,
+    preexec_fn: Callable[[], None] | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run scripts/train.py as a user would (optionally through a launcher such as accelerate)."""
+    """Run scripts/train.py as a user would (optionally through a launcher such as accelerate;
+    `preexec_fn` sets up a fault in the child, e.g. a disk that fills)."""
     return subprocess.run(
         [*launcher, str(REPO / "scripts" / "train.py"), *args],
         capture_output=True,
@@ -85,6 +90,7 @@ def run_cli(
         timeout=timeout,
         env=cli_env(**env),
         cwd=REPO,
+        preexec_fn=preexec_fn,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,10 @@ SMOKE_RUNS = {
         ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--no-write"],
         "| loader cost |",
     ),
+    "benchmark_gui.py": (["--opens", "1", "--steps", "2", "--no-write"], "| window open, first"),
 }
+# scripts that open a window: they need a display or Xvfb
+NEEDS_DISPLAY = {"benchmark_gui.py"}
 
 
 def test_every_benchmark_script_has_a_smoke_run():
@@ -57,6 +61,8 @@ def test_every_benchmark_script_has_a_smoke_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
 def test_benchmark_script_runs(script):
+    if script in NEEDS_DISPLAY and not (os.environ.get("DISPLAY") or shutil.which("Xvfb")):
+        pytest.skip("no display and no Xvfb")
     arguments, expected = SMOKE_RUNS[script]
     recorded = BENCHMARKS.read_bytes()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

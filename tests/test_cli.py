@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from modules.config.loading import load_config
 from modules.config.schema import CONFIG_VERSION
 from modules.util.library_notices import quiet_library_notices
+from tests.fault_helpers import file_size_limit_for_child
 from tests.helpers import REPO, cli_env, free_port, run_cli, tiny_config
 
 
@@ -96,6 +99,125 @@ def test_ctrl_c_writes_a_backup_and_resume_finishes(
     assert result.returncode == 0, result.stderr
     assert (workspace / "test-lora.safetensors").is_file()
     assert load_config(workspace / "config.json").training.max_steps == stopped_at + 1
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.learning_rate=Infinity", "optimizer.learning_rate = Infinity is not a finite"),
+        ("output.name=../elsewhere", 'output.name = "../elsewhere": must be a plain file name'),
+        ("optimizer.extra_kwargs=" + "[" * 3000 + "]" * 3000, "JSON nested deeper than 32"),
+    ],
+    ids=["infinite", "path-name", "deep-json"],
+)
+def test_values_that_used_to_fail_late_exit_2_with_one_line(
+    override: str, expected: str, tmp_path: Path
+) -> None:
+    preset = _write(tmp_path / "p.json", {})
+    result = run_cli("--config-path", str(preset), "--set", override, "--print-config")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_ctrl_c_before_training_exits_130_without_traceback(
+    tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    """The scan report prints before the model loads: Ctrl-C right then lands in the loading."""
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path / "ws")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--config-path",
+            str(_write(tmp_path / "p.json", raw)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("data: "):
+            break
+    process.send_signal(signal.SIGINT)
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors and "training 48 LoRA layers" not in output
+    assert errors.strip().splitlines()[-1] == (
+        "error: interrupted (Ctrl-C); nothing was saved since the last backup"
+    )
+
+
+def test_a_full_disk_at_the_final_save_exits_1_keeping_the_old_lora(
+    tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    """safetensors used to report the full disk as its own error, with a traceback."""
+    workspace = tmp_path / "ws"
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        workspace,
+        training={"max_steps": 1},
+        data={"workers": 0, "cache_latents": False, "cache_text_embeddings": False},
+    )
+    old = workspace / "test-lora.safetensors"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"the LoRA of an earlier run")
+    result = run_cli(
+        "--config-path",
+        str(_write(tmp_path / "p.json", raw)),
+        preexec_fn=file_size_limit_for_child(20_000),  # the LoRA is ~94 kB, the rest < 10 kB
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.split("\n")[-2] == (
+        f"error: cannot write {old}: File too large; nothing was replaced; free space on that "
+        "disk (or choose another folder) and run again"
+    )
+    assert old.read_bytes() == b"the LoRA of an earlier run"
+    leftovers = [p for p in workspace.rglob("*") if p.name.startswith(".")]
+    assert leftovers == [], "temporary files left behind"
+
+
+def test_an_error_mid_run_prints_on_its_own_line(
+    tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
+) -> None:
+    """It used to be glued to the progress bar's line; and this LoRA (inf in float16) used to
+    be written, with exit code 0."""
+    raw = tiny_config(
+        tiny_sdxl_path,
+        tiny_dataset_path,
+        tmp_path / "ws",
+        optimizer={"learning_rate": 1e5},
+        training={"max_steps": 2, "on_nonfinite": "skip"},
+        data={"workers": 0},
+    )
+    result = run_cli("--config-path", str(_write(tmp_path / "p.json", raw)))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.split("\n")[-2]  # newline-separated: \r-updated bar text stays apart
+    assert last.startswith("error: not saving "), result.stderr[-600:]
+    assert not (tmp_path / "ws" / "test-lora.safetensors").exists()
+
+
+def test_a_file_name_that_is_not_utf8_prints_under_a_strict_stdout(
+    tmp_path: Path, tiny_dataset_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in tiny_dataset_path.iterdir():
+        (data / image.name).write_bytes(image.read_bytes())
+    (data / os.fsdecode(b"caf\xe9.gif")).write_bytes(b"GIF89a")
+    raw = tiny_config(tmp_path / "no-model", data, tmp_path / "ws")
+    result = run_cli(
+        "--config-path", str(_write(tmp_path / "p.json", raw)), PYTHONIOENCODING="utf-8:strict"
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"  skipped {data}/caf\\xe9.gif: unsupported format (.gif)" in result.stdout
+    assert "Traceback" not in result.stderr and "UnicodeEncodeError" not in result.stderr
 
 
 def test_resume_without_backups_is_a_user_error(tmp_path: Path, tiny_dataset_path: Path) -> None:

@@ -479,24 +479,6 @@ def test_default_round_trip(tmp_path: Path) -> None:
     assert load_config(path) == TrainConfig()
 
 
-def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "config.json"
-    save_config(TrainConfig(), path)
-    before = path.read_bytes()
-    real_write_text = Path.write_text
-
-    def write_half_then_fail(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
-        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
-        save_config(_custom_config(), path)
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"], "temporary file left behind"
-
-
 # -- reference docs -----------------------------------------------------------------------------
 
 

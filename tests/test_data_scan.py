@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from modules.data.pipeline import DataPipeline
 from modules.errors import UserError
 from tests.data_helpers import (
     write_cmyk_jpeg,
+    write_header_only_jpeg,
     write_huge_png_header,
     write_image,
     write_palette_png,
@@ -170,3 +175,61 @@ def test_rescan_of_an_unchanged_dataset_decodes_nothing(
     changed = pipeline_for(tmp_path, concepts=[{"path": str(folder)}])
     assert probed == [folder / "1.png"]
     assert changed.train.samples[1].record.sha256 != first.train.samples[1].record.sha256
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (a FIFO read waits forever for a writer)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the scan hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are a POSIX thing")
+def test_fifos_broken_links_and_header_only_images_are_reported(tmp_path: Path) -> None:
+    """A FIFO caption used to hang the scan; a broken link was dropped without a word; a JPEG
+    whose header claims 121 Mpx over 625 bytes decoded as flat grey and was trained on."""
+    folder = tmp_path / "odd"
+    write_image(folder / "good.png", 64, 64)
+    write_image(folder / "fifo_caption.png", 64, 64, caption=None)
+    os.mkfifo(folder / "fifo_caption.txt")
+    write_image(folder / "linked_caption.png", 64, 64, caption=None)
+    (folder / "linked_caption.txt").symlink_to(tmp_path / "gone.txt")
+    (folder / "linked.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(folder / "pipe.jpg")
+    write_header_only_jpeg(folder / "grey.jpg")
+    write_image(folder / "masked.png", 64, 64)
+    (folder / "masked-mask.png").symlink_to(tmp_path / "gone-mask.png")
+    with _deadline(60):
+        pipeline = pipeline_for(tmp_path, concepts=[{"path": str(folder)}], masked_training=True)
+    skipped = {s.path.name: s.reason for s in pipeline.train.skipped}
+    assert skipped == {
+        "fifo_caption.png": "caption fifo_caption.txt unreadable: not a regular file (a FIFO, "
+        "device or folder)",
+        "linked_caption.png": "caption linked_caption.txt is a broken link (its target is missing)",
+        "linked.png": "broken link (its target is missing)",
+        "pipe.jpg": "not a regular file (a FIFO, socket or device)",
+        "grey.jpg": "the header claims 11000x11000 px but the file holds only 625 bytes: "
+        "truncated data or a decompression bomb; re-export it",
+        "masked.png": "its mask masked-mask.png is a broken link (its target is missing)",
+    }
+    assert [s.record.path.name for s in pipeline.train.samples] == ["good.png"]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_printably(tmp_path: Path) -> None:
+    """Such names reach Python as lone surrogates, which a strict UTF-8 stdout cannot print."""
+    folder = tmp_path / "c"
+    write_image(folder / "ok.png", 64, 64)
+    Image.new("RGB", (80, 80)).save(folder / os.fsdecode(b"caf\xe9.gif"), "GIF")
+    lines = pipeline_for(tmp_path, concepts=[{"path": str(folder)}]).report_lines()
+    shown = f"  skipped {folder}/caf\\xe9.gif: unsupported format (.gif); convert it to png or jpg"
+    assert shown in lines
+    "\n".join(lines).encode("utf-8", "strict")

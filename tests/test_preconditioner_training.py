@@ -124,7 +124,9 @@ def test_resuming_a_plain_backup_with_preconditioning_is_a_clear_error(
     config_path.write_text(json.dumps(raw), encoding="utf-8")
     result = run_cli("--config-path", str(config_path), "--resume")
     assert result.returncode == 2
-    assert "written with lora.preconditioner 'none'" in result.stderr
+    assert 'lora.preconditioner is "riemannian" but the backup was trained with "none"' in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

@@ -6,19 +6,27 @@ declarations follow the same `option()` rules as every other section.
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Literal
 
 from PIL import ImageColor
 from pydantic import Field, field_validator
 
-from modules.config.fields import Section, option
+from modules.config.fields import SEED_MAX, PathInput, Section, option
 from modules.config.local_paths import LocalPath
 
 
 class ConceptConfig(Section):
     """One folder of training images and how its captions are built."""
 
-    path: LocalPath = option("", help="Folder of training images.", tab="data", label="Folder")
+    path: LocalPath = option(
+        "",
+        help="Folder of training images.",
+        tab="data",
+        label="Folder",
+        widget=PathInput("folder", must_exist=True),
+        min_length=1,
+    )
     recursive: bool = option(
         False, help="Also take images from sub-folders.", tab="data", label="Include sub-folders"
     )
@@ -50,6 +58,7 @@ class ConceptConfig(Section):
         help="Extension of sidecar caption files (caption_source txt).",
         tab="data",
         label="Caption extension",
+        applies_when={"caption_source": "txt"},
         advanced=True,
         min_length=1,
     )
@@ -59,12 +68,14 @@ class ConceptConfig(Section):
         "of training them with an empty caption.",
         tab="data",
         label="Require captions",
+        applies_when={"caption_source": "txt"},
     )
     prompt: str = option(
         "",
         help="The caption of every image when caption_source is prompt.",
         tab="data",
         label="Fixed prompt",
+        applies_when={"caption_source": "prompt"},
     )
     trigger_word: str = option(
         "",
@@ -111,6 +122,15 @@ class ConceptConfig(Section):
         min_length=1,
     )
 
+    @field_validator("caption_extension")
+    @classmethod
+    def _extension_with_dot(cls, extension: str) -> str:
+        try:
+            PurePath("image").with_suffix(extension)
+        except ValueError:
+            raise ValueError('must be a file extension starting with a dot, e.g. ".txt"') from None
+        return extension
+
 
 class ValidationConfig(Section):
     """A held-out concept whose loss is measured at fixed timesteps and noise."""
@@ -144,6 +164,7 @@ class ValidationConfig(Section):
         label="Validation seed",
         advanced=True,
         ge=0,
+        le=SEED_MAX,
     )
 
     @field_validator("timesteps")
@@ -189,6 +210,7 @@ class DataConfig(Section):
         help="Most elongated bucket (long side / short side); more extreme images are cropped.",
         tab="data",
         label="Max bucket aspect ratio",
+        applies_when={"bucketing": True},
         advanced=True,
         ge=1,
     )
@@ -239,6 +261,7 @@ class DataConfig(Section):
         help="Loss weight of the black (masked-out) area with masked training.",
         tab="data",
         label="Unmasked weight",
+        applies_when={"masked_training": True},
         ge=0,
         le=1,
     )
@@ -270,6 +293,7 @@ class DataConfig(Section):
         "share it share cached entries.",
         tab="data",
         label="Cache folder",
+        widget=PathInput("folder"),
         advanced=True,
     )
     workers: int = option(

@@ -6,6 +6,7 @@ import copy
 import difflib
 import json
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,22 @@ from modules.errors import UserError
 from modules.util.atomic import atomic_write_text
 
 
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One invalid value: the key path it is about (`lora.rank`; a section's own checks name the
+    section) and the line the CLI prints for it, without the source."""
+
+    key: str
+    message: str
+
+
 class ConfigError(UserError):
-    """A config problem; the message names the source, the key path and the fix."""
+    """A config problem; the message names the source, the key path and the fix. `issues` holds
+    the schema's complaints one by one (empty for unreadable files and failed migrations)."""
+
+    def __init__(self, message: str, issues: tuple[ConfigIssue, ...] = ()) -> None:
+        super().__init__(message)
+        self.issues = issues
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -36,9 +51,34 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
         ) from None
+    except RecursionError:
+        raise ConfigError(_too_deep(path)) from None
+    if depth(raw) > MAX_DEPTH:
+        raise ConfigError(_too_deep(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object, got {type(raw).__name__}")
     return raw
+
+
+# No config nests deeper than a few levels (data.validation.concepts.0.path is 5); a file that
+# does is broken, and would only fail later, when the config is saved.
+MAX_DEPTH = 32
+
+
+def _too_deep(source: object) -> str:
+    return f"{source}: JSON nested deeper than {MAX_DEPTH} levels; no config field takes that"
+
+
+def depth(value: Any) -> int:
+    """How deep JSON objects and arrays nest in `value` (walked without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -54,6 +94,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
+    except RecursionError:
+        raise ConfigError(_too_deep(f"--set {key.strip()}")) from None
+    if depth(parsed) > MAX_DEPTH:
+        raise ConfigError(_too_deep(f"--set {key.strip()}"))
     _, field = _model_at(tuple(path))
     if field is not None and field.annotation is str and not isinstance(parsed, str):
         parsed = value
@@ -92,8 +136,9 @@ def load_config(
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        lines = [describe_error(item) for item in error.errors()]
-        raise ConfigError("\n".join(f"{source}: {line}" for line in lines)) from None
+        issues = tuple(describe_issue(item) for item in error.errors())
+        lines = [f"{source}: {issue.message}" for issue in issues]
+        raise ConfigError("\n".join(lines), issues) from None
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -192,6 +237,11 @@ _RANGE_ERRORS = {
 }
 
 
+def describe_issue(item: dict[str, Any]) -> ConfigIssue:
+    loc, _, _ = _resolve(tuple(item["loc"]))
+    return ConfigIssue(key=".".join(str(k) for k in loc), message=describe_error(item))
+
+
 def describe_error(item: dict[str, Any]) -> str:
     """One line per pydantic error, in the user's terms: key path, value, what is allowed."""
     loc, parent, field = _resolve(tuple(item["loc"]))
@@ -212,6 +262,11 @@ def describe_error(item: dict[str, Any]) -> str:
         return f"{key} = {shown} is not allowed; choose one of {allowed}{hint}"
     if kind in _RANGE_ERRORS:
         return f"{key} = {shown} is out of range; allowed: {_bounds(field)}"
+    if kind == "finite_number":
+        allowed = _bounds(field)
+        return f"{key} = {shown} is not a finite number" + (
+            f"; allowed: {allowed}" if allowed else ""
+        )
     if kind == "missing":
         return f"{key} is required"
     if kind in ("model_type", "dict_type"):

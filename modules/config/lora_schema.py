@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from modules.config.fields import Section, option
+from modules.config.fields import PathInput, Section, Toggle, option
 from modules.config.local_paths import LocalPath
 
 
@@ -65,6 +65,7 @@ class LoRAConfig(Section):
         "of must be trained (model.<part>.train).",
         tab="lora",
         label="Continue from LoRA",
+        widget=PathInput("file", must_exist=True, suffixes=(".safetensors",)),
     )
     preconditioner: Literal["none", "riemannian", "adaprelora"] = option(
         "none",
@@ -78,6 +79,7 @@ class LoRAConfig(Section):
         "measurements in docs/benchmarks.md.",
         tab="lora",
         label="Riemannian Preconditioning",
+        widget=Toggle(off="none", on="riemannian"),
     )
     precondition_damping: float = option(
         0.1,
@@ -86,7 +88,7 @@ class LoRAConfig(Section):
         "Adam-type optimizers; try 0.01 with SGD. See docs/benchmarks.md for the measurements.",
         tab="lora",
         label="Damping (relative)",
-        advanced=True,
+        applies_when={"preconditioner": ("riemannian", "adaprelora")},
         ge=0,
         le=100,
     )
@@ -96,6 +98,7 @@ class LoRAConfig(Section):
         "start) stays finite. Rarely worth changing.",
         tab="lora",
         label="Damping floor",
+        applies_when={"preconditioner": ("riemannian", "adaprelora")},
         advanced=True,
         gt=0,
     )
@@ -104,6 +107,7 @@ class LoRAConfig(Section):
         help="AdaPreLoRA: decay of the running row/column gradient energies (Adafactor's beta2).",
         tab="lora",
         label="AdaPreLoRA beta2",
+        applies_when={"preconditioner": "adaprelora"},
         advanced=True,
         gt=0,
         lt=1,
@@ -114,6 +118,7 @@ class LoRAConfig(Section):
         "More is less noisy and costs more backward time.",
         tab="lora",
         label="AdaPreLoRA probes",
+        applies_when={"preconditioner": "adaprelora"},
         advanced=True,
         ge=1,
         le=256,
@@ -125,6 +130,7 @@ class LoRAConfig(Section):
         "backward cost drops n-fold; see docs/benchmarks.md for the measured effect on training.",
         tab="lora",
         label="AdaPreLoRA statistics every n steps",
+        applies_when={"preconditioner": "adaprelora"},
         advanced=True,
         ge=1,
         le=100,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
-from modules.config.fields import Section, option
+from modules.config.fields import PathInput, Section, option
 from modules.config.local_paths import LocalPath, LocalPathOrRepoId
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -26,22 +26,23 @@ class ModelPartConfig(Section):
     train: bool = option(
         True,
         help="Put LoRA on this part and train it.",
-        tab="model",
-        label="Train",
+        tab="lora",
+        label="Parts to train",
     )
     learning_rate: float | None = option(
         None,
         help="Learning rate for this part's LoRA; empty uses optimizer.learning_rate. Text "
         "encoders usually want 0.25x-0.5x of the denoiser's rate.",
-        tab="model",
-        label="Learning rate",
+        tab="training",
+        label="Learning rate per part",
         gt=0,
+        applies_when={"train": True},
     )
     weight_dtype: Dtype = option(
         "float32",
         help="Dtype of the frozen base weights. bfloat16 halves memory on GPUs that support it.",
         tab="model",
-        label="Weight dtype",
+        label="Base weight dtype per part",
     )
 
 
@@ -101,6 +102,7 @@ class FamilyModelConfig(Section):
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
         tab="model",
         label="Base model",
+        widget=PathInput("file_or_folder", suffixes=(".safetensors",)),
     )
     single_file_config: LocalPath = option(
         "",
@@ -109,6 +111,7 @@ class FamilyModelConfig(Section):
         "always, its single files hold only the transformer; online a repo id works too).",
         tab="model",
         label="Single-file config folder",
+        widget=PathInput("folder"),
         advanced=True,
     )
     train_dtype: Dtype = option(
@@ -118,6 +121,12 @@ class FamilyModelConfig(Section):
         label="LoRA weight dtype",
         advanced=True,
     )
+
+    @classmethod
+    def narrowed_choices(cls) -> dict[str, tuple[str, ...]]:
+        """Other sections' choices this family takes (config key -> values): the GUI offers
+        only these; TrainConfig's own checks refuse the rest."""
+        return {"output.format": cls.lora_formats}
 
     @classmethod
     def part_specs(cls) -> list[PartSpec]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from modules.config.data_schema import DataConfig
-from modules.config.fields import Section, option
+from modules.config.fields import SEED_MAX, PathInput, Section, option
 from modules.config.local_paths import LocalPath
 from modules.config.lora_schema import LoRAConfig
 from modules.config.model_base import Dtype
@@ -41,40 +41,57 @@ class OptimizerConfig(Section):
         "adamw",
         help="Optimizer. adamw is the safe default; prodigy finds its own step size (use "
         "learning_rate 1.0); adamw_8bit saves memory on CUDA GPUs.",
-        tab="optimizer",
+        tab="training",
         label="Optimizer",
     )
     learning_rate: float = option(
         1e-4,
         help="Base learning rate. AdamW LoRA: 1e-4 to 4e-4; SGD needs far larger; Prodigy: 1.0.",
-        tab="optimizer",
+        tab="training",
         label="Learning rate",
         gt=0,
     )
     betas: tuple[float, float] = option(
         (0.9, 0.999),
         help="Adam-style betas (momentum, second moment).",
-        tab="optimizer",
+        tab="training",
         label="Betas",
+        applies_when={"name": ("adamw", "adamw_8bit", "prodigy")},
         advanced=True,
     )
     weight_decay: float = option(
-        0.01, help="Decoupled weight decay.", tab="optimizer", label="Weight decay", ge=0
+        0.01, help="Decoupled weight decay.", tab="training", label="Weight decay", ge=0
     )
     eps: float = option(
-        1e-8, help="Adam epsilon.", tab="optimizer", label="Epsilon", gt=0, advanced=True
+        1e-8,
+        help="Adam epsilon.",
+        tab="training",
+        label="Epsilon",
+        gt=0,
+        advanced=True,
+        applies_when={"name": ("adamw", "adamw_8bit", "prodigy")},
     )
     momentum: float = option(
-        0.9, help="SGD momentum.", tab="optimizer", label="Momentum (SGD)", ge=0, lt=1
+        0.9,
+        help="SGD momentum.",
+        tab="training",
+        label="Momentum (SGD)",
+        ge=0,
+        lt=1,
+        applies_when={"name": "sgd"},
     )
     nesterov: bool = option(
-        False, help="Nesterov momentum for SGD.", tab="optimizer", label="Nesterov (SGD)"
+        False,
+        help="Nesterov momentum for SGD.",
+        tab="training",
+        label="Nesterov (SGD)",
+        applies_when={"name": "sgd"},
     )
     extra_kwargs: dict[str, Any] = option(
         {},
         help="Extra keyword arguments passed to the optimizer class, e.g. "
         '{"d_coef": 0.5} for Prodigy.',
-        tab="optimizer",
+        tab="training",
         label="Extra arguments",
         advanced=True,
     )
@@ -92,21 +109,22 @@ class SchedulerConfig(Section):
     name: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = option(
         "constant",
         help="Learning-rate schedule after warmup.",
-        tab="optimizer",
+        tab="training",
         label="LR scheduler",
     )
     warmup_steps: int = option(
         0,
         help="Optimizer steps of linear warmup from 0 to the learning rate.",
-        tab="optimizer",
+        tab="training",
         label="Warmup steps",
         ge=0,
     )
     cycles: int = option(
         1,
         help="Number of restarts for cosine_with_restarts.",
-        tab="optimizer",
+        tab="training",
         label="Cycles",
+        applies_when={"name": "cosine_with_restarts"},
         ge=1,
     )
 
@@ -143,6 +161,7 @@ class TrainingConfig(Section):
         tab="training",
         label="Seed",
         ge=0,
+        le=SEED_MAX,
     )
     gradient_checkpointing: bool = option(
         False,
@@ -197,6 +216,7 @@ class SamplingConfig(Section):
         tab="sampling",
         label="Sample seed",
         ge=0,
+        le=SEED_MAX,
     )
     at_end: bool = option(
         True, help="Also sample when training ends.", tab="sampling", label="Sample at end"
@@ -216,9 +236,9 @@ class BackupConfig(Section):
     )
     on_interrupt: bool = option(
         True,
-        help="Write a backup when the run is interrupted with Ctrl-C.",
+        help="Write a backup when the run is stopped early (Ctrl-C, or Stop in the GUI).",
         tab="backup",
-        label="Backup on Ctrl-C",
+        label="Backup on stop",
     )
 
 
@@ -226,19 +246,21 @@ class OutputConfig(Section):
     workspace_dir: LocalPath = option(
         "workspace/run",
         help="Folder for backups, samples, logs and the saved config.",
-        tab="backup",
+        tab="general",
         label="Workspace",
+        widget=PathInput("folder"),
     )
     output_path: LocalPath = option(
         "",
         help="Where the final LoRA goes; empty means <workspace>/<name>.safetensors.",
-        tab="backup",
+        tab="general",
         label="Output path",
+        widget=PathInput("file", suffixes=(".safetensors",)),
     )
     name: str = option(
         "lora",
         help="Name of the LoRA (file name and ss_output_name).",
-        tab="backup",
+        tab="general",
         label="Name",
         min_length=1,
     )
@@ -246,18 +268,19 @@ class OutputConfig(Section):
         "kohya",
         help="kohya (default): lora_down / lora_up / alpha keys with the original model's layer "
         "names (SDXL: the original UNet's blocks; Flux: BFL's, q/k/v fused), the layout A1111, "
-        "Forge, ComfyUI, sd-scripts and diffusers all load. diffusers: the diffusers/PEFT layout "
-        "(lora_A / lora_B keys), which only diffusers loads; A1111, Forge and ComfyUI miss its "
-        "layers. comfyui (Flux only): ComfyUI's own diffusion_model.* keys. See the README's "
-        "compatibility table.",
-        tab="backup",
-        label="File layout (diffusers/PEFT: diffusers only)",
+        "Forge, ComfyUI, sd-scripts and diffusers load. diffusers: the diffusers/PEFT layout "
+        "(lora_A / lora_B keys) for diffusers pipelines; for SDXL only diffusers loads it (A1111, "
+        "Forge and ComfyUI miss its layers, sd-scripts ignores them). comfyui (Flux only): "
+        "ComfyUI's own diffusion_model.* keys. The README's LoRA files section says which tool "
+        "loads which layout.",
+        tab="general",
+        label="File layout",
     )
     save_dtype: Dtype = option(
         "float16",
         help="Precision of the saved LoRA weights; float16 halves the file, float32 keeps "
         "every bit (alpha is always stored in float32).",
-        tab="backup",
+        tab="general",
         label="Save precision",
         advanced=True,
     )
@@ -271,9 +294,25 @@ class OutputConfig(Section):
     trigger_phrase: str = option(
         "",
         help="Trigger phrase written into the file's metadata.",
-        tab="backup",
+        tab="general",
         label="Trigger phrase",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        """The name becomes a file name in the workspace: a folder part would write elsewhere,
+        and a blank or control character only fails when the LoRA is saved, after training."""
+        if not name.strip():
+            raise ValueError('must not be blank; e.g. "my_lora"')
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(
+                "must be a plain file name, without folders; put the folder in "
+                "output.workspace_dir or output.output_path"
+            )
+        if any(ord(char) < 32 or ord(char) == 127 for char in name):
+            raise ValueError("contains a control character; use a plain file name")
+        return name
 
 
 class TrainConfig(Section):

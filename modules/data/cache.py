@@ -15,12 +15,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from modules.util.atomic import atomic_path
+from modules.util.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,11 @@ def _crc(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], *, key: str) -> None:
+    """Write an entry atomically; a full disk is a WriteError naming the entry."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     metadata = {"key": key, "crc32": _crc(tensors)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    with atomic_file(path) as handle:
+        handle.write(safetensors.torch.save(tensors, metadata=metadata))
 
 
 def read_entry(path: Path, *, key: str) -> dict[str, torch.Tensor] | None:

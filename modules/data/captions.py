@@ -6,6 +6,9 @@ random generator derived from (seed, position), so a resumed run sees the same c
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +32,12 @@ def read_caption(image: Path, concept: ConceptConfig) -> str:
         return image.stem.replace("_", " ").strip()
     path = caption_file(image, concept)
     try:
-        raw = path.read_bytes()
+        raw = _read_regular_file(path)
     except FileNotFoundError:
+        if path.is_symlink():
+            raise CaptionError(
+                f"caption {path.name} is a broken link (its target is missing)"
+            ) from None
         if concept.require_caption:
             raise CaptionError(
                 f"missing caption {path.name} (add it or set require_caption false)"
@@ -44,6 +51,16 @@ def read_caption(image: Path, concept: ConceptConfig) -> str:
         raise CaptionError(
             f"caption {path.name} is not UTF-8 (byte {error.start}); re-save it as UTF-8"
         ) from None
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes; OSError when it is not a regular file. Opened without blocking and
+    checked on the open handle, so a FIFO (whose read would wait forever) is never read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder)")
+        return handle.read()
 
 
 def with_trigger(caption: str, concept: ConceptConfig) -> str:

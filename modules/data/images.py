@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,8 +25,16 @@ UNSUPPORTED_SUFFIXES = {
     ".avif", ".cr2", ".dng", ".gif", ".heic", ".heif", ".ico", ".jp2", ".jxl", ".nef", ".psd",
     ".svg", ".tga", ".tif", ".tiff",
 }  # fmt: skip
+# Pillow's warning for images over ~89 Mpx: the scan judges such files itself (JPEGs decode at
+# reduced scale; headers promising more pixels than the data holds are skipped and reported)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 FORMATS = {"BMP", "JPEG", "MPO", "PNG", "WEBP"}  # MPO: the multi-picture JPEG of many cameras
 MASK_SUFFIX = "-mask"
+# The most pixels a byte of each format can encode: a JPEG codes at least one bit per 8x8 block
+# for its DC term (<= 512 px/byte), a PNG at best 1-bit pixels at deflate's 1032:1 (~8,300).
+# A header promising more describes data that is not there (libjpeg fills it with flat grey) or
+# a decompression bomb. Lossless WebP codes a flat image in almost no bits: no bound.
+MAX_PIXELS_PER_BYTE = {"JPEG": 1024, "MPO": 1024, "PNG": 10_000}
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -99,6 +108,14 @@ def probe(path: Path, *, background: tuple[int, int, int]) -> ImageInfo:
         data = path.read_bytes()
         if not data:
             raise ImageError("empty file (0 bytes)")
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+            limit = MAX_PIXELS_PER_BYTE.get(header.format or "")
+        if limit is not None and width * height > limit * len(data):
+            raise ImageError(
+                f"the header claims {width}x{height} px but the file holds only {len(data)} "
+                "bytes: truncated data or a decompression bomb; re-export it"
+            )
         _, size, alpha = open_rgb(io.BytesIO(data), need=(1, 1), background=background)
     except ImageError:
         raise

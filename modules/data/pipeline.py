@@ -8,6 +8,7 @@ trainer moves the denoiser there afterwards); `stream` yields
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +25,8 @@ from modules.data.scan import Dataset, ScanIndex, scan_concepts
 from modules.errors import UserError
 from modules.models.base import Batch, ModelFamily
 from modules.training.data_order import DataOrder, Draw
+
+log = logging.getLogger(__name__)
 
 
 class DataPipeline:
@@ -67,6 +70,22 @@ class DataPipeline:
         return lines
 
     def shard(self, *, batch_size: int, seed: int, rank: int, world: int) -> DataOrder:
+        per_bucket: dict[object, int] = {}
+        for group in self.train.groups:
+            per_bucket[group.bucket] = per_bucket.get(group.bucket, 0) + group.per_epoch
+        per_epoch, fullest = sum(per_bucket.values()), max(per_bucket.values())
+        if batch_size > per_epoch:
+            raise UserError(
+                f"training.batch_size = {batch_size} is larger than the dataset ({per_epoch} "
+                f"images per epoch); lower it to {per_epoch} or less"
+            )
+        if batch_size > fullest:
+            log.warning(
+                "training.batch_size = %d is more than any bucket holds (the fullest has %d images "
+                "per epoch), so every batch is smaller than that",
+                batch_size,
+                fullest,
+            )
         self.order = DataOrder(
             self.train.groups,
             batch_size=batch_size,

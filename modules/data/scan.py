@@ -8,9 +8,11 @@ remembers files by (size, mtime) so an unchanged dataset is scanned again in a b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from modules.data.images import (
 from modules.errors import UserError
 from modules.training.data_order import Group
 from modules.util.atomic import atomic_write_text
+from modules.util.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,14 @@ class Dataset:
     def skipped(self) -> list[Skipped]:
         return [s for report in self.reports for s in report.skipped]
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The trained images by content and concept: a backup stores it, so a resume on a
+        changed dataset can say so."""
+        unique = {s.record for s in self.samples}  # a sample per training resolution
+        records = sorted((record.concept, record.sha256) for record in unique)
+        digest = hashlib.sha256("".join(f"{c}:{h}\n" for c, h in records).encode())
+        return {"images": len(records), "sha256": digest.hexdigest()}
+
     def report_lines(self, title: str = "data") -> list[str]:
         images = sum(r.images for r in self.reports)
         skipped = len(self.skipped)
@@ -107,7 +118,7 @@ class Dataset:
         for resolution, counts in self.buckets.items():
             shown = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
             lines.append(f"  buckets at {resolution} px: {shown}")
-        return lines
+        return [printable(line) for line in lines]
 
 
 class ScanIndex:
@@ -160,23 +171,42 @@ def _hidden(path: Path, folder: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why an entry with an image's name is no image file (None when it is a regular file)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "broken link (its target is missing)" if path.is_symlink() else "gone"
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "not a regular file (a FIFO, socket or device)"
+
+
 def _list_files(folder: Path, *, recursive: bool) -> tuple[list[Path], list[Skipped]]:
-    """Candidate images (masks excluded) and the unsupported image files, sorted."""
+    """Candidate images (masks excluded), and the image-named entries that cannot be images
+    (unsupported formats, broken links, FIFOs), sorted."""
     walk = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in walk if p.is_file() and not _hidden(p, folder))
+    entries = sorted(p for p in walk if not _hidden(p, folder))
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     stems = {p.with_suffix("") for p in images}
-    masks = {
-        p
-        for p in images
-        if p.stem.endswith(MASK_SUFFIX) and p.parent / p.stem[: -len(MASK_SUFFIX)] in stems
-    }
+
+    def is_mask(path: Path) -> bool:  # the scan reports a mask with its image
+        stem = path.stem.removesuffix(MASK_SUFFIX)
+        return stem != path.stem and path.parent / stem in stems
+
+    masks = {p for p in images if is_mask(p)}
+    imagelike = IMAGE_SUFFIXES + tuple(UNSUPPORTED_SUFFIXES)
+    odd = [(p, _not_a_file(p)) for p in entries if p.suffix.lower() in imagelike]
+    broken = [Skipped(p, reason) for p, reason in odd if reason is not None and not is_mask(p)]
     skipped = [
         Skipped(p, f"unsupported format ({p.suffix.lower()}); convert it to png or jpg")
         for p in files
         if p.suffix.lower() in UNSUPPORTED_SUFFIXES
     ]
-    return [p for p in images if p not in masks], skipped
+    return [p for p in images if p not in masks], broken + skipped
 
 
 def _probe_all(paths: list[Path], *, index: ScanIndex, background: tuple[int, int, int]):
@@ -257,6 +287,10 @@ def scan_concepts(
                 report.skipped.append(Skipped(path, str(error)))
                 continue
             mask = mask_path(path)
+            if config.masked_training and mask.is_symlink() and not mask.exists():
+                reason = f"its mask {mask.name} is a broken link (its target is missing)"
+                report.skipped.append(Skipped(path, reason))
+                continue
             mask = mask if config.masked_training and mask.is_file() else None
             report.masks += mask is not None
             records.append(

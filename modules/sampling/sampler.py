@@ -8,6 +8,7 @@ import torch
 
 from modules.config.schema import SamplingConfig
 from modules.models.base import ModelFamily
+from modules.util.atomic import atomic_write
 
 
 def write_samples(
@@ -21,7 +22,6 @@ def write_samples(
     """Render every prompt with a fixed seed into `folder`; returns the image paths."""
     if not config.prompts:
         return []
-    folder.mkdir(parents=True, exist_ok=True)
     pipe = family.sampling_pipeline(base)
     device = pipe.device
     was_training = base.training
@@ -44,7 +44,8 @@ def write_samples(
                     generator=generator,
                 ).images[0]
                 path = folder / f"{index:02d}.png"
-                image.save(path)
+                # atomic: a full disk is one line naming the image, not PIL's raw error
+                atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
                 written.append(path)
         finally:
             base.train(was_training)

@@ -392,10 +392,10 @@ def device_memory_available(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device)
 
 
-def print_memory_estimate(
+def memory_estimate(
     *, family: ModelFamily, base: nn.Module, config: TrainConfig, device: torch.device
 ) -> MemoryEstimate | None:
-    """Print the estimate for this run (before its first step). A model the meta-device trace
+    """The estimate for this run, to print before its first step. A model the meta-device trace
     cannot run costs the run its estimate, not its training: the reason is logged instead."""
     try:
         profile = family.memory_profile(base, config)
@@ -406,5 +406,4 @@ def print_memory_estimate(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("no memory estimate for this model: %s", reason)
         return None
-    print("\n".join(estimate.lines()), flush=True)
     return estimate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -60,23 +61,67 @@ OPTIMIZERS: dict[
 }
 
 
+# optimizer arguments that config fields set: extra_kwargs may not set them a second time
+FIELD_OF_ARGUMENT = {
+    "lr": "optimizer.learning_rate",
+    "weight_decay": "optimizer.weight_decay",
+    "betas": "optimizer.betas",
+    "eps": "optimizer.eps",
+    "momentum": "optimizer.momentum",
+    "nesterov": "optimizer.nesterov",
+}
+
+
+def optimizer_kwargs(config: OptimizerConfig) -> dict[str, Any]:
+    """Keyword arguments of the configured optimizer class: its settings from the config."""
+    _, fields = OPTIMIZERS[config.name]
+    kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay, **fields(config)}
+    for key in config.extra_kwargs.keys() & kwargs.keys():
+        owner = FIELD_OF_ARGUMENT.get(key)
+        fix = f"set {owner} instead" if owner else f"Geodesic fixes it for {config.name}"
+        raise UserError(
+            f"optimizer.extra_kwargs sets {key!r}, which the config already passes; {fix}"
+        )
+    return {**kwargs, **config.extra_kwargs}
+
+
 def create_optimizer(
     config: OptimizerConfig, groups: list[dict[str, Any]]
 ) -> torch.optim.Optimizer:
     """Build the configured optimizer over parameter groups (each may carry its own `lr`)."""
-    optimizer_class, fields = OPTIMIZERS[config.name]
-    kwargs = {**fields(config), **config.extra_kwargs}
+    optimizer_class, _ = OPTIMIZERS[config.name]
     try:
-        return optimizer_class()(
-            groups, lr=config.learning_rate, weight_decay=config.weight_decay, **kwargs
-        )
-    except TypeError as error:
+        return optimizer_class()(groups, **optimizer_kwargs(config))
+    except (TypeError, ValueError) as error:
         if config.extra_kwargs:
-            raise UserError(
-                f"optimizer.extra_kwargs {sorted(config.extra_kwargs)} rejected by "
-                f"{config.name}: {error}"
-            ) from None
+            raise _rejected(config, error) from None
         raise
+
+
+def check_optimizer(config: OptimizerConfig, device: torch.device) -> None:
+    """Build the optimizer on a two-element parameter and take two steps, so an `extra_kwargs`
+    value it rejects (at construction, or only once its state exists, as SGD's dampening of a
+    wrong type does at the second step) is a UserError now, not a traceback mid-run."""
+    if not config.extra_kwargs:
+        return
+    parameter = torch.nn.Parameter(torch.ones(2, device=device))
+    parameter.grad = torch.full_like(parameter, 0.5)
+    optimizer = create_optimizer(config, [{"params": [parameter]}])
+    try:
+        optimizer.step()
+        optimizer.step()
+    except Exception as error:  # whatever the optimizer raises, the cause is the extra value
+        raise _rejected(config, error) from None
+    if not torch.isfinite(parameter).all():
+        raise _rejected(config, ValueError("its steps made the weights inf/NaN"))
+
+
+def _rejected(config: OptimizerConfig, error: BaseException) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    shown = json.dumps(config.extra_kwargs, default=repr)
+    return UserError(
+        f"optimizer.extra_kwargs {shown} rejected by {config.name}: {reason}; fix or remove it"
+    )
 
 
 def create_scheduler(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modules.training.events import EventSink, StepDone, ignore
 from modules.training.gradient_pipeline import StepOutcome
 
 
 class RunLog:
-    """tqdm bar (step, epoch, smoothed loss, lr; s/it and ETA from tqdm) and TensorBoard scalars."""
+    """tqdm bar (step, epoch, smoothed loss, lr; s/it and ETA from tqdm), TensorBoard scalars, and
+    the same figures as a StepDone event for a watcher (the GUI)."""
 
     def __init__(
         self,
@@ -21,10 +24,15 @@ class RunLog:
         enabled: bool,
         bar_factory: Callable[..., Any],
         smoothing: float = 0.9,
+        on_event: EventSink = ignore,
     ) -> None:
         self.enabled = enabled
         self.smoothing = smoothing
         self.smoothed: float | None = None
+        self.total_steps = total_steps
+        self.on_event = on_event
+        self.seconds_per_step: float | None = None
+        self._last_step_at = time.monotonic()
         self.writer = None
         self.bar = None
         if enabled:
@@ -68,8 +76,38 @@ class RunLog:
             postfix["skipped"] = skipped
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
+        self._time_step()
+        self.on_event(
+            StepDone(
+                step=step,
+                total_steps=self.total_steps,
+                epoch=epoch + 1,
+                loss=outcome.loss if outcome.finite else None,
+                smoothed_loss=self.smoothed,
+                learning_rate=first_lr,
+                seconds_per_step=self.seconds_per_step,
+                eta_seconds=self.seconds_per_step * max(0, self.total_steps - step),
+            )
+        )
+
+    def _time_step(self, weight: float = 0.3) -> None:
+        """Exponentially smoothed seconds per step (the new step weighs `weight`, as in tqdm)."""
+        now = time.monotonic()
+        elapsed, self._last_step_at = now - self._last_step_at, now
+        previous = self.seconds_per_step
+        self.seconds_per_step = (
+            elapsed if previous is None else weight * elapsed + (1 - weight) * previous
+        )
 
     def close(self) -> None:
-        if self.enabled:
+        """End the bar's line and flush the logs; safe to call twice."""
+        if self.enabled and self.bar is not None:
             self.bar.close()
             self.writer.close()
+            self.bar = None
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -33,14 +33,30 @@ from modules.models.base import Batch, ModelFamily
 from modules.models.placement import to_device_except
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
-from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
+from modules.training import events, nonfinite
+from modules.training.backup import (
+    Progress,
+    TrainingState,
+    backups_dir,
+    find_backup,
+    nonfinite_tensors,
+    read_backup,
+    write_backup,
+)
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
-from modules.training.memory import print_memory_estimate
-from modules.training.optimizers import create_optimizer, create_scheduler
+from modules.training.memory import memory_estimate
+from modules.training.optimizers import (
+    check_optimizer,
+    create_optimizer,
+    create_scheduler,
+    optimizer_kwargs,
+)
 from modules.training.preconditioning import attach_preconditioner
+from modules.training.resume import plan_resume
 from modules.training.run_log import RunLog
 from modules.training.stop import StopSignal
 from modules.training.validation import ValidationLog, validation_loss
+from modules.util.atomic import remove_leftovers
 from modules.util.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
@@ -116,40 +132,66 @@ def _every(step: int, interval: int) -> bool:
 
 
 class TrainingRun:
-    """One run of a config; `run()` trains until done or until the StopSignal is set."""
+    """One run of a config; `run()` trains until done or until the StopSignal is set.
+
+    `on_event` receives progress events (modules/training/events.py) for a watcher such as the
+    GUI; the CLI leaves it out.
+    """
 
     def __init__(
-        self, config: TrainConfig, *, resume: str | None = None, resume_latest: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | None = None,
+        resume_latest: bool = False,
+        on_event: events.EventSink = events.ignore,
     ) -> None:
         self.config = config
+        self.on_event = on_event
         self.paths = RunPaths.from_config(config)
         # bad data fails here, before any model loads
+        on_event(events.Phase("scanning the data"))
         self.dataset = DataPipeline(
             config, latent_multiple=get_family(config.model.family).latent_multiple
         )
         resume_path = (
             find_backup(self.paths.workspace, resume) if (resume or resume_latest) else None
         )
+        # a damaged backup or a setting it cannot continue with fails here too, before the model
+        backup, resume_plan = (
+            plan_resume(resume_path, config=config, dataset=self.dataset.train.fingerprint())
+            if resume_path is not None
+            else (None, None)
+        )
         # AcceleratorState is a process-wide singleton; each run (tests, the GUI) sets its own
         # precision, keeping the distributed PartialState that `accelerate launch` set up.
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
         if self.accelerator.is_main_process:
-            print("\n".join(self.dataset.report_lines()), flush=True)
-        torch.manual_seed(config.training.seed)
-        self.family = get_family(config.model.family)
-        self.base = self.family.load(config)
-        if self.accelerator.is_main_process:  # before anything is on the GPU
-            print_memory_estimate(
-                family=self.family, base=self.base, config=config, device=self.accelerator.device
-            )
-        self.network = self._build_network()
+            self._say(*self.dataset.report_lines())
+            for line in resume_plan.warnings if resume_plan else []:
+                log.warning("%s", line)
+                on_event(events.Notice(line))
+            for line in resume_plan.notes if resume_plan else []:
+                log.info("%s", line)
         self.data = self.dataset.shard(
             batch_size=config.training.batch_size,
             seed=config.training.seed,
             rank=self.accelerator.process_index,
             world=self.accelerator.num_processes,
         )
+        check_optimizer(config.optimizer, self.accelerator.device)
+        torch.manual_seed(config.training.seed)
+        self.family = get_family(config.model.family)
+        on_event(events.Phase("loading the base model"))
+        self.base = self.family.load(config)
+        if self.accelerator.is_main_process:  # before anything is on the GPU
+            estimate = memory_estimate(
+                family=self.family, base=self.base, config=config, device=self.accelerator.device
+            )
+            if estimate is not None:
+                self._say(*estimate.lines())
+        self.network = self._build_network()
         self.total_steps = config.training.max_steps or math.ceil(
             config.training.epochs
             * self.data.micro_per_epoch
@@ -158,6 +200,7 @@ class TrainingRun:
         # The caches fill with only the encoders on the device; the rest of the model follows
         # without those done with: a quantized Flux transformer next to T5-XXL would not fit a
         # 16 GB card.
+        on_event(events.Phase("filling the latent and text caches"))
         self.dataset.prepare(family=self.family, model=self.base, accelerator=self.accelerator)
         to_device_except(self.base, self.accelerator.device, away=self.dataset.encoders.modules)
         model = TrainingModel(
@@ -195,10 +238,11 @@ class TrainingRun:
         self._noise = torch.Generator()
         self.config_json = config_to_json(config)
         self.last_backup: Path | None = None
-        if resume_path is not None:
-            read_backup(self.state, resume_path)
-            self.last_backup = resume_path
-            log.info("resumed from %s at step %d", resume_path, self.state.progress.step)
+        if backup is not None:
+            # the configured optimizer settings (lr included) win over the backup's
+            read_backup(self.state, backup, settings=optimizer_kwargs(config.optimizer).keys())
+            self.last_backup = backup.path
+            log.info("resumed from %s at step %d", backup.path, self.state.progress.step)
         self.validation_log: ValidationLog | None = None
 
     def _build_network(self) -> LoRANetwork:
@@ -263,17 +307,21 @@ class TrainingRun:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def run(self, stop: StopSignal | None = None) -> RunResult:
+    def run(
+        self, stop: StopSignal | None = None, commands: events.RunCommands | None = None
+    ) -> RunResult:
+        """Train; `commands` (sample, backup, stop) are obeyed at optimizer-step boundaries."""
         stop = stop or StopSignal()
+        commands = commands or events.RunCommands()
         progress = self.state.progress
         main = self.accelerator.is_main_process
         if main:
+            self._remove_leftovers()
             save_config(self.config, self.paths.workspace / "config.json")
-            print(
+            self._say(
                 f"training {len(self.network.adapters)} LoRA layers for {self.total_steps} steps "
                 f"({len(self.dataset.train.samples)} images, "
-                f"{self.data.micro_per_epoch} micro-batches/epoch)",
-                flush=True,
+                f"{self.data.micro_per_epoch} micro-batches/epoch)"
             )
         run_log = RunLog(
             logs_dir=self.paths.logs,
@@ -281,9 +329,12 @@ class TrainingRun:
             initial_step=progress.step,
             enabled=main,
             bar_factory=tqdm,
+            on_event=self.on_event,
         )
+        self.on_event(events.Started(step=progress.step, total_steps=self.total_steps))
         start = progress.micro_batches
-        with stop.installed(), self.dataset.stream(start=start) as batches:
+        # the bar is closed however the loop ends, so an error prints on a line of its own
+        with run_log, stop.installed(), self.dataset.stream(start=start) as batches:
             while progress.step < self.total_steps and not stop.requested:
                 epoch, batch = next(batches)
                 progress.micro_batches += 1
@@ -306,12 +357,13 @@ class TrainingRun:
                         skipped=progress.skipped_steps,
                     )
                     self._periodic(progress.step)
-        run_log.close()
+                    self._obey(commands.take(), stop)
         if stop.requested and progress.step < self.total_steps:
             if self.config.backup.on_interrupt:
                 self.backup()
             return self._result(interrupted=True)
-        self.save(self.paths.output)
+        self.on_event(events.Phase("saving the LoRA"))
+        self.save(self.paths.output, final=True)
         self.validate(progress.step)
         if self.validation_log is not None:
             self.validation_log.close()
@@ -323,16 +375,38 @@ class TrainingRun:
     def _check_finite(self, outcome: StepOutcome) -> None:
         if outcome.finite:
             return
-        step = self.state.progress.step
+        progress = self.state.progress
         if self.config.training.on_nonfinite == "skip":
-            self.state.progress.skipped_steps += 1
+            progress.skipped_steps += 1
             return
-        where = f"last good backup: {self.last_backup}" if self.last_backup else "no backup yet"
         raise RunError(
-            f"non-finite loss or gradient at step {step} (loss={outcome.loss}, grad norm="
-            f"{outcome.grad_norm}); {where}. Lower optimizer.learning_rate or set "
-            "training.on_nonfinite=skip"
+            nonfinite.step_message(
+                config=self.config,
+                step=progress.step,
+                loss=outcome.loss,
+                grad_norm=outcome.grad_norm,
+                updates_before=progress.step - 1 - progress.skipped_steps,
+                weights_finite=not nonfinite_tensors(self.network.state_dict()),
+                last_backup=self.last_backup,
+            )
         )
+
+    def _remove_leftovers(self) -> None:
+        """Delete what killed writes left behind (partial backups and saves: large at SDXL
+        scale). The cache is shared with other runs: only its long-abandoned files go."""
+        workspace, output = self.paths.workspace, self.paths.output
+        freed = sum(
+            [
+                remove_leftovers(workspace),
+                remove_leftovers(workspace / "saves"),
+                remove_leftovers(backups_dir(workspace)),
+                remove_leftovers(self.paths.samples, recursive=True),
+                remove_leftovers(output.parent, prefix=f".{output.name}."),
+                remove_leftovers(self.dataset.cache_root, recursive=True, older_than_s=3600),
+            ]
+        )
+        if freed:
+            log.info("removed %.1f MB of files left by an interrupted run", freed / 2**20)
 
     def _periodic(self, step: int) -> None:
         config = self.config
@@ -346,6 +420,21 @@ class TrainingRun:
         if _every(step, config.backup.every_n_steps):
             self.backup()
 
+    def _obey(self, commands: list[events.Command], stop: StopSignal) -> None:
+        for command in commands:
+            if command is events.Command.SAMPLE:
+                self.sample(self.state.progress.step)
+            elif command is events.Command.BACKUP:
+                self.backup()
+            elif command is events.Command.STOP:
+                stop.request()
+
+    def _say(self, *lines: str) -> None:
+        """Print for the console and tell the watcher the same lines."""
+        print("\n".join(lines), flush=True)
+        for line in lines:
+            self.on_event(events.Notice(line))
+
     def _result(self, *, interrupted: bool) -> RunResult:
         return RunResult(
             paths=self.paths,
@@ -357,18 +446,35 @@ class TrainingRun:
     # -- outputs ----------------------------------------------------------------------------------
 
     def backup(self) -> None:
-        if self.accelerator.is_main_process:
-            self.last_backup = write_backup(
-                self.state,
-                workspace=self.paths.workspace,
-                config_json=self.config_json,
-                keep_last=self.config.backup.keep_last,
+        # a backup must be one to go on from; every rank checks, so all of them stop together
+        if nonfinite_tensors(self.network.state_dict()):
+            raise RunError(
+                nonfinite.weights_message(
+                    step=self.state.progress.step, config=self.config, last_backup=self.last_backup
+                )
             )
-
-    def save(self, path: Path) -> None:
         if not self.accelerator.is_main_process:
             return
+        self.last_backup = write_backup(
+            self.state,
+            workspace=self.paths.workspace,
+            config_json=self.config_json,
+            dataset=self.dataset.train.fingerprint(),
+            keep_last=self.config.backup.keep_last,
+        )
+        self.on_event(events.BackupWritten(self.state.progress.step, self.last_backup))
+
+    def save(self, path: Path, *, final: bool = False) -> None:
         config = self.config
+        nonfinite.check_saveable(  # on every rank, so all of them stop together
+            self.network,
+            path=path,
+            config=config,
+            step=self.state.progress.step,
+            last_backup=self.last_backup,
+        )
+        if not self.accelerator.is_main_process:
+            return
         rank, alpha = network_dim(self.network)  # a continued file may bring its own
         metadata = build_metadata(
             # the training settings travel with the file; the user's folders do not
@@ -388,6 +494,7 @@ class TrainingRun:
             metadata=metadata,
             dtype=DTYPES[config.output.save_dtype],
         )
+        self.on_event(events.LoRASaved(self.state.progress.step, path, final=final))
 
     def validate(self, step: int) -> None:
         """Log the validation loss (main process; other ranks go on to the next step)."""
@@ -403,17 +510,20 @@ class TrainingRun:
         if loss is not None:
             self.validation_log = self.validation_log or ValidationLog(self.paths.logs)
             self.validation_log.record(step, loss)
+            self.on_event(events.ValidationMeasured(step, loss))
 
     def sample(self, step: int) -> None:
         if self.accelerator.is_main_process:
             with self.dataset.encoders.on_device():  # offloaded encoders visit the GPU
-                write_samples(
+                paths = write_samples(
                     family=self.family,
                     base=self.base,
                     config=self.config.sampling,
                     resolution=self.config.data.resolution,
                     folder=self.paths.samples / f"{step:06d}",
                 )
+            if paths:
+                self.on_event(events.SamplesWritten(step, tuple(paths)))
 
 
 def train(

@@ -1,0 +1,1 @@
+"""The customtkinter view of the trainer window (the logic lives in modules/ui)."""
