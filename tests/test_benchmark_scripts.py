@@ -40,6 +40,10 @@ SMOKE_RUNS = {
     ),
     "benchmark_damping.py": (["--steps", "3", "--seeds", "1", "--no-write"], "| kappa 100, r 8 |"),
     "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),
+    "benchmark_flux_memory.py": (
+        ["--resolution", "256", "--no-write"],
+        "| Flux.1-dev, nf4, 38 blocks offloaded |",
+    ),
     "benchmark_data.py": (
         ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--no-write"],
         "| loader cost |",
@@ -110,3 +114,20 @@ def test_step_overhead_counts_warm_steps_and_pairs_them_by_round():
     assert slower.paired == pytest.approx(1.10)
     assert slower.per_run == [pytest.approx(1.10)]
     assert slower.hook is None
+
+
+@pytest.mark.slow
+def test_flux_memory_benchmark_traces_once_and_estimates_as_the_trainer_does():
+    """The memory benchmark traces the activations once per model and swaps in each setting's
+    weights; every row must still be the estimate a run of that setting prints."""
+    from modules.models.registry import get_family
+    from modules.training.memory import estimate_memory
+
+    benchmark = _script_module("benchmark_flux_memory.py")
+    rows = [row for row in benchmark.settings(38) if row.family == "flux"]
+    rows = [rows[0], rows[3], rows[4]]  # bf16, nf4, nf4 with offloading
+    shortcut = benchmark.estimates(rows, resolution=256, batch=1)
+    for row in rows:
+        config = benchmark.config_for(row, resolution=256, batch=1)
+        profile = get_family("flux").memory_profile(benchmark.meta_base("flux"), config)
+        assert shortcut[row.name] == estimate_memory(profile, config), row.name

@@ -35,6 +35,7 @@ def test_flux_preset_is_what_the_readme_says() -> None:
     config = load_config(path=ROOT / "training_presets" / "flux_dev_lora.json")
     assert config.model.family == "flux" and config.model.trained_parts() == ["transformer"]
     assert {part.weight_dtype for part in config.model.parts().values()} == {"bfloat16"}
+    assert config.model.quantize_base == "int8" and config.model.offload_blocks == 0
     assert config.training.gradient_checkpointing and config.training.mixed_precision == "bf16"
     assert config.data.cache_text_embeddings and config.data.offload_encoders
     assert (config.output.format, config.sampling.cfg_scale) == ("kohya", 3.5)

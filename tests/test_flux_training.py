@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
-from modules.errors import UserError
 from modules.models.flux.tiny import build_tiny_flux
 from modules.training.trainer import TrainingRun, train
 from tests.conftest import FAMILY_SETTINGS
@@ -202,19 +201,12 @@ def test_samples_show_the_lora(flux: TinyModel, tiny_dataset_path: Path, tmp_pat
     assert (tmp_path / "samples" / "000000" / "00.png").is_file()
 
 
-def test_quantized_base_is_not_silently_ignored(
-    flux: TinyModel, tiny_dataset_path: Path, tmp_path: Path
-) -> None:
-    raw = flux.config(tiny_dataset_path, tmp_path, model={"quantize_base": "int8"})
-    with pytest.raises(UserError, match=r"model.quantize_base .* not available"):
-        TrainingRun(load_config(raw=raw))
-
-
 @pytest.mark.slow
 def test_flux_preset_trains_from_the_cli(
     tiny_flux_path: Path, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    """training_presets/flux_dev_lora.json as a user runs it, pointed at the tiny model."""
+    """training_presets/flux_dev_lora.json as a user runs it (its int8 transformer included),
+    pointed at the tiny model."""
     workspace = tmp_path / "ws"
     concepts = json.dumps([{"path": str(tiny_dataset_path)}])
     result = run_cli(
@@ -240,6 +232,8 @@ def test_flux_preset_trains_from_the_cli(
         f"output.workspace_dir={workspace}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Linear layers quantized to int8 (torchao" in result.stderr
+    assert "int8 (torchao" in result.stdout  # the estimate's transformer line
     lora = workspace / "my_flux_lora.safetensors"
     keys = load_file(lora)
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys

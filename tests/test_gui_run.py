@@ -84,6 +84,7 @@ def test_run_reports_progress_and_obeys_commands(
     ]
     notices = [e.text for e in events if isinstance(e, Notice)]
     assert notices[0].startswith("data: 4 images in 1 concept")
+    assert any(n.startswith("memory estimate for a training step") for n in notices)
     assert notices[-1].startswith("training ") and "for 5 steps" in notices[-1]
     assert [e for e in events if isinstance(e, Started)] == [Started(step=0, total_steps=5)]
     steps = [e for e in events if isinstance(e, StepDone)]

@@ -1,7 +1,8 @@
 """The data pipeline as the trainer uses it: scan, shard, fill caches, stream micro-batches.
 
 Construction scans (a UserError before any model loads); `shard` fixes this process's data
-order; `prepare` fills the latent / text caches once the model is on its device; `stream` yields
+order; `prepare` fills the latent / text caches with the encoders alone on the device (the
+trainer moves the denoiser there afterwards); `stream` yields
 (epoch, batch) from a micro-batch position on, read ahead in the background.
 """
 
@@ -101,12 +102,20 @@ class DataPipeline:
         return self.order
 
     def prepare(self, *, family: ModelFamily, model: nn.Module, accelerator: Accelerator) -> None:
-        """Fill the latent / text caches the config asks for and point the loaders at them."""
+        """Fill the latent / text caches the config asks for and point the loaders at them.
+
+        The encoders they need come to the device here, before the denoiser does (a quantized
+        Flux transformer and T5-XXL together would not fit a 16 GB card); those done with leave
+        it again (`self.encoders`)."""
         config, data = self.config, self.config.data
         text_trained = config.model.trains_text_encoder()
         cache_text = data.cache_text_embeddings and not text_trained
         if not (data.cache_latents or cache_text):
             return
+        encoders = [family.latent_encoder(model)] if data.cache_latents else []
+        encoders += family.text_encoders(model) if cache_text else []
+        for encoder in encoders:
+            encoder.to(accelerator.device)
         latent_id, text_id = encoder_ids(
             family, model, mixed_precision=config.training.mixed_precision
         )

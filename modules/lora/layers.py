@@ -113,9 +113,11 @@ class LoRAModule(nn.Module, abc.ABC):
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         sketch = self.delta_sketch
-        if sketch is not None and sketch.applies(x):
-            return output + sketch.delta(self, x)
-        return output + self.delta(x)
+        delta = sketch.delta(self, x) if sketch is not None and sketch.applies(x) else self.delta(x)
+        # in the base layer's output dtype, as PEFT returns it: under autocast a norm hands its
+        # layer a float32 input, and a float32 sum would make every later activation (and what
+        # autograd keeps of it) float32, twice the memory of bfloat16
+        return (output + delta).to(output.dtype)
 
     def merged_delta_weight(self) -> torch.Tensor:
         """`s * B A` shaped like the base weight (used to check files against other tools)."""

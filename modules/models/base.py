@@ -8,8 +8,9 @@ protocol and the `PartSpec`s of the family's config section.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -63,6 +64,36 @@ class Batch:
         return Batch(**pinned)
 
 
+@dataclass(frozen=True)
+class WeightGroup:
+    """One module of the base model as the memory estimate counts it."""
+
+    name: str  # the part's config name ("unet"), or another module's ("vae")
+    label: str  # for people: "UNet", "VAE"
+    module: nn.Module  # a meta-device copy: its architecture, no weights
+    role: Literal["denoiser", "text_encoder", "latent_encoder"]
+    dtype: torch.dtype  # of its frozen weights
+    quantize: str = "none"  # how its frozen Linear weights are quantized (modules/models/quantize)
+    keep_precise: tuple[str, ...] = ()  # module paths left unquantized
+    offloaded_blocks: tuple[
+        nn.Module, ...
+    ] = ()  # blocks kept in CPU memory (modules/models/offload)
+    # keyword inputs of `module` for (batch, height, width) in pixels, on the meta device: the
+    # activation model (traced when the module lies on the gradient path)
+    inputs: Callable[[int, int, int], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What the memory estimate (modules/training/memory.py) needs from a family: meta-device
+    copies of its modules as the run's config sets them up, and where LoRA goes on them."""
+
+    groups: list[WeightGroup]
+    lora_targets: list[tuple[LoRATarget, list[str]]]
+    # the family's own settings that save memory, for the estimate's advice ("" if none)
+    savings_hint: str = ""
+
+
 class ModelFamily(Protocol):
     """What the trainer needs from a model family."""
 
@@ -73,6 +104,7 @@ class ModelFamily(Protocol):
     # lora.layer_preset -> the layer patterns of its denoiser (the names mean the same in every
     # family: attn, attn-mlp, full); text encoders take their attention and MLP layers
     layer_presets: dict[str, list[str]]
+    reference_model: str  # whose shapes `meta_model(reference=True)` builds: "FLUX.1 [dev]"
 
     @property
     def parts(self) -> list[PartSpec]:
@@ -127,3 +159,12 @@ class ModelFamily(Protocol):
 
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
         """Turn on activation checkpointing in the trainable parts."""
+
+    def meta_model(self, config: TrainConfig, *, reference: bool = False) -> Any:
+        """The base model's modules, named as `load` names them, on the meta device: from
+        `model.base_model`'s config files alone (no weights read), or at `reference_model`'s
+        published shapes. The memory estimate without a loaded model (the GUI) runs on it."""
+
+    def memory_profile(self, model: nn.Module, config: TrainConfig) -> MemoryProfile:
+        """Meta-device copies of the base model's modules as `config` trains them, for the
+        memory estimate. `model` is the loaded base or one built on the meta device."""

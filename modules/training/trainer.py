@@ -30,6 +30,7 @@ from modules.lora.layers import LORA_ROLE_B
 from modules.lora.layouts import LoRALayout
 from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
+from modules.models.placement import to_device_except
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_samples
 from modules.training import events, nonfinite
@@ -43,6 +44,7 @@ from modules.training.backup import (
     write_backup,
 )
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
+from modules.training.memory import memory_estimate
 from modules.training.optimizers import (
     check_optimizer,
     create_optimizer,
@@ -88,16 +90,26 @@ class RunResult:
 
 
 class TrainingModel(nn.Module):
-    """Base model plus LoRA network as one module, so accelerate/DDP see the trainable params."""
+    """The LoRA network as accelerate prepares it (DDP synchronises its parameters), with the
+    loss through the base model as its forward pass.
+
+    The base is not a submodule (as LoRA adapters hold their base layers): the trainer places it
+    itself, leaving encoders that are done with in CPU memory, which `prepare` moving the whole
+    module would undo, and its frozen weights are never broadcast between processes.
+    """
 
     def __init__(
         self, *, family: ModelFamily, base: nn.Module, network: LoRANetwork, config: TrainConfig
     ) -> None:
         super().__init__()
-        self.base = base
+        object.__setattr__(self, "_base", base)
         self.network = network
         self._family = family
         self._config = config
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return self._family.training_loss(
@@ -173,12 +185,24 @@ class TrainingRun:
         self.family = get_family(config.model.family)
         on_event(events.Phase("loading the base model"))
         self.base = self.family.load(config)
+        if self.accelerator.is_main_process:  # before anything is on the GPU
+            estimate = memory_estimate(
+                family=self.family, base=self.base, config=config, device=self.accelerator.device
+            )
+            if estimate is not None:
+                self._say(*estimate.lines())
         self.network = self._build_network()
         self.total_steps = config.training.max_steps or math.ceil(
             config.training.epochs
             * self.data.micro_per_epoch
             / config.training.gradient_accumulation_steps
         )
+        # The caches fill with only the encoders on the device; the rest of the model follows
+        # without those done with: a quantized Flux transformer next to T5-XXL would not fit a
+        # 16 GB card.
+        on_event(events.Phase("filling the latent and text caches"))
+        self.dataset.prepare(family=self.family, model=self.base, accelerator=self.accelerator)
+        to_device_except(self.base, self.accelerator.device, away=self.dataset.encoders.modules)
         model = TrainingModel(
             family=self.family, base=self.base, network=self.network, config=config
         )
@@ -219,9 +243,6 @@ class TrainingRun:
             read_backup(self.state, backup, settings=optimizer_kwargs(config.optimizer).keys())
             self.last_backup = backup.path
             log.info("resumed from %s at step %d", backup.path, self.state.progress.step)
-        # latent / text caches (and encoder offload) once the model sits on its device
-        on_event(events.Phase("filling the latent and text caches"))
-        self.dataset.prepare(family=self.family, model=self.base, accelerator=self.accelerator)
         self.validation_log: ValidationLog | None = None
 
     def _build_network(self) -> LoRANetwork:

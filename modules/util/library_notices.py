@@ -1,11 +1,16 @@
-"""Drop two library log messages that are wrong for Geodesic's runs, and nothing else.
+"""Drop library log messages that are wrong for Geodesic's runs, and nothing else.
 
-Both appear at the top of every run and send users after problems they do not have:
+Each appears at the top of every run and sends users after problems they do not have:
 - transformers advises installing torchvision for image processors that diffusers imports (for
   IP-Adapter) but training never uses;
 - diffusers 0.42 warns on every dtype cast of a model that some of its modules "should be kept in
   float32" even when that list is empty (its `to()` turns None into []). With a non-empty list the
-  warning still shows.
+  warning still shows;
+- importing torchao (diffusers imports it whenever it is installed) reports its CUDA kernel
+  libraries as failing to load on machines without CUDA, that Triton is missing, and torch
+  deprecates how it registers two enums; diffusers adds that it cannot import torchao classes
+  for loading torchao-serialized checkpoints. Geodesic uses torchao's weight-only int8 / fp8,
+  which need none of these kernels, and loads no torchao checkpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import logging
 DROPPED = {
     "transformers.utils.import_utils": "requires torchvision",
     "diffusers.models.modeling_utils": "should be kept in float32: [].",
+    "torchao": "Failed to load",
+    "torchao.kernel.intmm": "Detected no triton",
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor",
 }
 
 

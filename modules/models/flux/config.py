@@ -119,14 +119,17 @@ class FluxModelConfig(FamilyModelConfig):
         "none",
         help="Quantize the frozen transformer's weights (LoRA stays in its own dtype on top): "
         "int8 and fp8 (torchao, weight-only) about halve its memory, nf4 (bitsandbytes) "
-        "quarters it. See docs/benchmarks.md for measured memory.",
+        "quarters it; the embedders and output layers stay as they are. The memory estimate "
+        "printed before training shows the effect; docs/benchmarks.md has the figures.",
         tab="model",
         label="Quantize base",
     )
     offload_blocks: int = option(
         0,
-        help="Keep this many of the transformer's blocks in CPU memory and stream each to the "
-        "GPU when it runs (for 8-12 GB cards); 0 keeps all on the GPU. Slower per step.",
+        help="Keep this many of the transformer's 57 blocks in CPU memory and copy each to the "
+        "GPU while it runs, the next one ahead of time (for 8-12 GB cards); 0 keeps all on the "
+        "GPU. Needs training.gradient_checkpointing. Costs time per step where the copies "
+        "outlast the compute.",
         tab="model",
         label="Offload blocks",
         advanced=True,

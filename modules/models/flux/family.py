@@ -13,10 +13,9 @@ from torch import nn
 
 from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
-from modules.errors import UserError
 from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRATarget
-from modules.models.base import Batch, FileIdentity
+from modules.models.base import Batch, FileIdentity, MemoryProfile
 from modules.models.flux.config import FluxModelConfig
 from modules.models.flux.flow import (
     image_ids,
@@ -26,9 +25,11 @@ from modules.models.flux.flow import (
     unpack_latents,
 )
 from modules.models.flux.layers import TRANSFORMER_LAYER_PRESETS, flux_lora_targets
-from modules.models.flux.loading import load_flux_pipeline
+from modules.models.flux.loading import load_flux_pipeline, meta_flux
 from modules.models.flux.lora_layouts import FLUX_LORA_LAYOUTS
+from modules.models.flux.memory import apply_memory_settings, memory_profile
 from modules.models.losses import masked_mse
+from modules.models.offload import BlockOffloader
 from modules.util.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class FluxBase(nn.Module):
         self.tokenizer_2 = pipe.tokenizer_2
         self.noise_scheduler = pipe.scheduler
         self.t5_max_length = t5_max_length
+        # set by FluxFamily.load when model.offload_blocks streams transformer blocks
+        self.transformer_offloader: BlockOffloader | None = None
 
     def train(self, mode: bool = True) -> FluxBase:
         """T5 is always frozen, so it stays in eval mode: T5 v1.1 has dropout (0.1), which would
@@ -111,6 +114,7 @@ class FluxFamily:
     identity = DEV  # set from the loaded transformer by `load` ([schnell] has no guidance)
     latent_multiple = 64  # 8x VAE and 2x2 packing need 16; buckets step by 64 as for SDXL
     layer_presets = TRANSFORMER_LAYER_PRESETS
+    reference_model = "FLUX.1 [dev]"
 
     @property
     def parts(self) -> list[PartSpec]:
@@ -121,11 +125,6 @@ class FluxFamily:
 
     def load(self, config: TrainConfig) -> FluxBase:
         settings = config.model
-        if settings.quantize_base != "none" or settings.offload_blocks:
-            raise UserError(
-                "model.quantize_base / model.offload_blocks are not available in this version "
-                "yet; set model.quantize_base none and model.offload_blocks 0"
-            )
         base = FluxBase(load_flux_pipeline(settings), t5_max_length=settings.t5_max_length)
         base.requires_grad_(False)
         for part, part_settings in settings.parts().items():
@@ -134,6 +133,8 @@ class FluxFamily:
                 module.to(dtype=dtype)
         if base.vae.dtype != torch.float32:
             base.vae.to(dtype=torch.float32)
+        # before LoRA is attached: nf4 replaces the Linear layers
+        base.transformer_offloader = apply_memory_settings(base.transformer, config)
         self.identity = DEV if base.guidance_distilled else SCHNELL
         return base
 
@@ -146,6 +147,12 @@ class FluxFamily:
             layer_preset=config.lora.layer_preset,
             layer_patterns=config.lora.layer_patterns,
         )
+
+    def meta_model(self, config: TrainConfig, *, reference: bool = False) -> Any:
+        return meta_flux(config.model, reference=reference)
+
+    def memory_profile(self, model: FluxBase, config: TrainConfig) -> MemoryProfile:
+        return memory_profile(model, config)
 
     def enable_gradient_checkpointing(self, model: FluxBase) -> None:
         model.transformer.enable_gradient_checkpointing()

@@ -8,6 +8,7 @@ Each part is loaded straight in its configured dtype: Flux's 12B transformer in 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import (
@@ -17,15 +18,19 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 from transformers import (
+    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     PreTrainedModel,
+    T5Config,
     T5EncoderModel,
     T5TokenizerFast,
 )
 
 from modules.errors import UserError
 from modules.models.flux.config import FluxModelConfig
+from modules.models.meta import meta_from_files, meta_module
+from modules.models.reference_shapes import CLIP_L, FLUX_DEV_TRANSFORMER, FLUX_VAE, T5_XXL
 from modules.models.sources import check_single_file, load_from_source, offline
 from modules.util.dtypes import DTYPES
 
@@ -37,6 +42,30 @@ def load_flux_pipeline(config: FluxModelConfig) -> FluxPipeline:
         folder=lambda path: _from_folder(path, config),
         single_file=lambda path: _from_single_file(path, config),
         repo_id=lambda repo: _from_folder(repo, config),
+    )
+
+
+def meta_flux(config: FluxModelConfig, *, reference: bool = False) -> SimpleNamespace:
+    """The transformer, both text encoders and the VAE on the meta device, from the base model's
+    config files alone, or at FLUX.1 [dev]'s published shapes (`reference`)."""
+    if reference:
+        return SimpleNamespace(
+            transformer=meta_module(FluxTransformer2DModel, FLUX_DEV_TRANSFORMER),
+            text_encoder=meta_module(CLIPTextModel, CLIPTextConfig(**CLIP_L)),
+            text_encoder_2=meta_module(T5EncoderModel, T5Config(**T5_XXL)),
+            vae=meta_module(AutoencoderKL, FLUX_VAE),
+        )
+    parts = {
+        "transformer": FluxTransformer2DModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": T5EncoderModel,
+        "vae": AutoencoderKL,
+    }
+    return load_from_source(
+        config.base_model,
+        folder=lambda path: meta_from_files(path, parts),
+        single_file=lambda path: meta_from_files(_single_file_config(path, config), parts),
+        repo_id=lambda repo: meta_from_files(repo, parts),
     )
 
 
@@ -71,7 +100,8 @@ def _from_folder(
     )
 
 
-def _from_single_file(path: Path, config: FluxModelConfig) -> FluxPipeline:
+def _single_file_config(path: Path, config: FluxModelConfig) -> str:
+    """The folder (or repo id) that completes a single-file transformer."""
     check_single_file(path)
     folder = config.single_file_config.strip()
     if not folder:
@@ -80,6 +110,11 @@ def _from_single_file(path: Path, config: FluxModelConfig) -> FluxPipeline:
             "model.single_file_config, a Flux diffusers folder (or repo id, online) that gives "
             "its config, the VAE, both text encoders and their tokenizers"
         )
+    return folder
+
+
+def _from_single_file(path: Path, config: FluxModelConfig) -> FluxPipeline:
+    folder = _single_file_config(path, config)
     transformer = FluxTransformer2DModel.from_single_file(
         str(path),
         config=folder,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.training_utils import compute_snr
@@ -11,12 +13,13 @@ from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
 from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRATarget
-from modules.models.base import Batch, FileIdentity
+from modules.models.base import Batch, FileIdentity, MemoryProfile, WeightGroup
 from modules.models.losses import masked_mse
+from modules.models.meta import meta_copy
 from modules.models.sdxl.config import SDXLModelConfig
 from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
-from modules.models.sdxl.loading import load_sdxl_pipeline
+from modules.models.sdxl.loading import load_sdxl_pipeline, meta_sdxl
 from modules.util.dtypes import DTYPES
 
 
@@ -43,6 +46,7 @@ class SDXLFamily:
     )
     latent_multiple = 64
     layer_presets = UNET_LAYER_PRESETS
+    reference_model = "SDXL base 1.0"
 
     @property
     def parts(self) -> list[PartSpec]:
@@ -190,6 +194,34 @@ class SDXLFamily:
             loss = loss * batch.loss_weights.to(device)
         return loss.mean()
 
+    def meta_model(self, config: TrainConfig, *, reference: bool = False) -> SimpleNamespace:
+        return meta_sdxl(config.model, reference=reference)
+
+    def memory_profile(self, model: SDXLBase, config: TrainConfig) -> MemoryProfile:
+        copies = {name: meta_copy(getattr(model, name)) for name in (*config.model.parts(), "vae")}
+        settings = config.model.parts()
+        unet, vae = copies["unet"], copies["vae"]
+        downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+        groups = [
+            WeightGroup(
+                name=spec.name,
+                label=spec.label,
+                module=copies[spec.name],
+                role="text_encoder" if spec.text_encoder else "denoiser",
+                dtype=DTYPES[settings[spec.name].weight_dtype],
+                inputs=_clip_inputs if spec.text_encoder else _unet_inputs(unet, downscale),
+            )
+            for spec in self.parts
+        ]
+        groups.append(WeightGroup("vae", "VAE", vae, "latent_encoder", torch.float32))
+        targets = sdxl_lora_targets(
+            modules={part: copies[part] for part in settings},
+            train_parts=set(config.model.trained_parts()),
+            layer_preset=config.lora.layer_preset,
+            layer_patterns=config.lora.layer_patterns,
+        )
+        return MemoryProfile(groups=groups, lora_targets=targets)
+
     def sampling_pipeline(self, model: SDXLBase) -> StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(
             vae=model.vae,
@@ -202,3 +234,30 @@ class SDXLFamily:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _unet_inputs(unet: nn.Module, downscale: int):
+    """The UNet's inputs at a size: latents, both CLIPs' token states, pooled embedding, ids."""
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def inputs(batch: int, height: int, width: int) -> dict:
+        with torch.device("meta"):
+            return {
+                "sample": torch.empty(
+                    batch, config.in_channels, height // downscale, width // downscale
+                ),
+                "timestep": torch.zeros(batch, dtype=torch.long),
+                "encoder_hidden_states": torch.empty(batch, 77, config.cross_attention_dim),
+                "added_cond_kwargs": {
+                    "text_embeds": torch.empty(batch, pooled),
+                    "time_ids": torch.empty(batch, 6),
+                },
+            }
+
+    return inputs
+
+
+def _clip_inputs(batch: int, height: int, width: int) -> dict:
+    with torch.device("meta"):
+        return {"input_ids": torch.zeros(batch, 77, dtype=torch.long), "output_hidden_states": True}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from modules.errors import UserError
+from modules.models.meta import meta_from_files, meta_module
+from modules.models.reference_shapes import CLIP_L, OPEN_CLIP_G, SDXL_UNET, SDXL_VAE
 from modules.models.sdxl.config import SDXLModelConfig
 from modules.models.sources import check_single_file, load_from_source, offline
 
@@ -19,6 +22,37 @@ def load_sdxl_pipeline(config: SDXLModelConfig) -> StableDiffusionXLPipeline:
         folder=_from_folder,
         single_file=lambda path: _from_single_file(path, config),
         repo_id=_from_folder,
+    )
+
+
+def meta_sdxl(config: SDXLModelConfig, *, reference: bool = False) -> SimpleNamespace:
+    """The UNet, both text encoders and the VAE on the meta device, from the base model's config
+    files alone, or at SDXL base 1.0's published shapes (`reference`; also for a single-file
+    checkpoint without model.single_file_config: every SDXL checkpoint has those shapes)."""
+    if reference:
+        return SimpleNamespace(
+            unet=meta_module(UNet2DConditionModel, SDXL_UNET),
+            text_encoder=meta_module(CLIPTextModel, CLIPTextConfig(**CLIP_L)),
+            text_encoder_2=meta_module(CLIPTextModelWithProjection, CLIPTextConfig(**OPEN_CLIP_G)),
+            vae=meta_module(AutoencoderKL, SDXL_VAE),
+        )
+    parts = {
+        "unet": UNet2DConditionModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "vae": AutoencoderKL,
+    }
+
+    def single_file(path: Path) -> SimpleNamespace:
+        check_single_file(path)
+        folder = config.single_file_config.strip()
+        return meta_from_files(folder, parts) if folder else meta_sdxl(config, reference=True)
+
+    return load_from_source(
+        config.base_model,
+        folder=lambda path: meta_from_files(path, parts),
+        single_file=single_file,
+        repo_id=lambda repo: meta_from_files(repo, parts),
     )
 
 
