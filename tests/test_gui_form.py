@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from modules.config.schema import TrainConfig
 from modules.data.scan import ScanIndex, scan_concepts
 from modules.errors import UserError
 from modules.models.registry import FAMILIES
+from modules.training.memory_preview import memory_estimate_lines
 from modules.ui.fields import FieldSpec, Kind, ListSpec, form_fields
 from modules.ui.form import ConfigForm
 from modules.ui.presets import PresetLibrary, sparse
@@ -331,14 +333,14 @@ def test_partly_given_parts_keep_their_declared_defaults() -> None:
 
 
 def test_scan_is_refused_while_the_config_is_invalid(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path))
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
     app.form.add_item("data.concepts", path=str(tmp_path))
     app.form.set("lora.rank", "0")
     assert [p.key for p in app.scan_data()] == ["lora.rank"] and not app.scan.running
 
 
 def test_start_is_refused_with_the_list(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path))
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
     app.form.set("lora.rank", "-4")
     app.form.set("training.batch_size", "abc")
     app.form.add_item("data.concepts", path=str(tmp_path / "missing"))
@@ -358,7 +360,7 @@ def test_start_is_refused_with_the_list(tmp_path: Path) -> None:
 
 
 def test_valid_config_shows_its_notes_and_exports(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path))
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
     app.form.add_item("data.concepts", path=str(tmp_path))
     app.notes.append(lambda config: [f"estimated memory for rank {config.lora.rank}: 1 GiB"])
     assert app.pre_start_lines()[1:] == ["estimated memory for rank 16: 1 GiB"]
@@ -370,8 +372,39 @@ def test_valid_config_shows_its_notes_and_exports(tmp_path: Path) -> None:
     assert app.form.config() == exported
 
 
+def test_the_memory_estimate_is_shown_before_start(tmp_path: Path, tiny_model: Any) -> None:
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_delay=0)
+    app.form.set("model.family", tiny_model.family)
+    app.form.set("model.base_model", str(tiny_model.path))
+    app.form.add_item("data.concepts", path=str(tmp_path))
+    assert app.pre_start_lines()[-1] == "memory estimate: working it out…"
+    deadline = time.monotonic() + 120
+    app.poll_estimate()
+    while app.estimate.running and time.monotonic() < deadline:
+        app.poll_estimate()
+        time.sleep(0.05)
+    expected = memory_estimate_lines(app.form.config())
+    assert expected[0].startswith("model shapes from the config files of")
+    assert app.pre_start_lines()[-len(expected) - 1 :] == [
+        "memory estimate:",
+        *(f"  {line}" for line in expected),
+    ]
+    app.form.set("lora.rank", 4)  # another config: its own estimate, after the delay
+    assert app.pre_start_lines()[-1] == "memory estimate: working it out…"
+    app.shutdown()
+
+
+def test_the_memory_estimate_waits_until_the_config_holds_still(tmp_path: Path) -> None:
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_delay=60)
+    app.form.add_item("data.concepts", path=str(tmp_path))
+    for rank in (1, 12, 128):  # typed one key at a time
+        app.form.set("lora.rank", rank)
+        app.pre_start_lines()
+        assert not app.poll_estimate() and not app.estimate.running
+
+
 def test_status_says_how_the_last_run_ended(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path))
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
     app.form.add_item("data.concepts", path=str(tmp_path))
     assert app.status_lines() == [
         f"ready: sdxl, saving to {app.form.config().output.workspace_dir}"

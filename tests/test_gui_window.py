@@ -67,7 +67,7 @@ def window(display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         pytest.skip(f"no tkinter: {error}")
     presets = PresetLibrary(user_dir=tmp_path_factory.mktemp("user-presets"))
     try:
-        window = open_window(presets=presets)
+        window = open_window(presets=presets, estimate_memory=False)
     except WindowError as error:
         pytest.skip(str(error))
     window.questions = Answers()

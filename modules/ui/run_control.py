@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from modules.config.loading import config_to_json
 from modules.config.schema import TrainConfig
@@ -27,7 +27,7 @@ from modules.training.events import (
     StepDone,
     ValidationMeasured,
 )
-from modules.ui.worker import Failed, Finished, Job, ScanReport, run_job
+from modules.ui.worker import Failed, Finished, Job, Report, run_job
 
 # what the worker imports before its first job, once per session (Linux: a fork server holds them)
 PRELOAD = ["modules.training.trainer"]
@@ -121,7 +121,7 @@ class Worker:
                 events.append(self.events.get_nowait())
             except (queue.Empty, EOFError, OSError):
                 break
-        if any(isinstance(e, (Finished, Failed, ScanReport)) for e in events):
+        if any(isinstance(e, (Finished, Failed, Report)) for e in events):
             self.ended = True
         elif not alive and not self.ended:
             self.ended = True
@@ -315,10 +315,16 @@ class RunController:
             self._worker.wait(timeout)
 
 
-class DataScan:
-    """The data report of the current config, scanned in a worker process."""
+class BackgroundReport:
+    """A report on the current config made in a worker process (the window stays responsive):
+    `scan`, the data report the CLI prints; `estimate`, the memory estimate it prints."""
 
-    def __init__(self, context: multiprocessing.context.BaseContext | None = None) -> None:
+    def __init__(
+        self,
+        kind: Literal["scan", "estimate"],
+        context: multiprocessing.context.BaseContext | None = None,
+    ) -> None:
+        self.kind = kind
         self.context = context or worker_context()
         self.lines: list[str] = []
         self.error: str | None = None
@@ -330,19 +336,23 @@ class DataScan:
         return self._worker is not None
 
     def start(self, config: TrainConfig) -> None:
+        self.cancel()
+        self.lines, self.error = [], None
+        self._worker = Worker(Job(self.kind, config_to_json(config)), self.context)
+
+    def cancel(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
             self._reaper.add(self._worker)
-        self.lines, self.error = [], None
-        self._worker = Worker(Job("scan", config_to_json(config)), self.context)
+            self._worker = None
 
     def poll(self) -> bool:
-        """True when the scan ended during this call."""
+        """True when the report ended during this call."""
         self._reaper.reap()
         if self._worker is None:
             return False
         for event in self._worker.drain():
-            if isinstance(event, ScanReport):
+            if isinstance(event, Report):
                 self.lines = list(event.lines)
             elif isinstance(event, Failed):
                 self.error = event.message

@@ -6,15 +6,16 @@ no training logic of its own, so another toolkit could show the same window.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from modules.config.loading import load_config, save_config
+from modules.config.loading import config_to_json, load_config, save_config
 from modules.config.schema import TrainConfig
 from modules.errors import UserError
 from modules.ui.form import ConfigForm, Issue
 from modules.ui.presets import Preset, PresetLibrary
-from modules.ui.run_control import DataScan, RunController, warm_up
+from modules.ui.run_control import BackgroundReport, RunController, warm_up
 
 # Lines shown before Start for a valid config (e.g. a memory estimate): config -> lines.
 NoteProvider = Callable[[TrainConfig], Iterable[str]]
@@ -38,12 +39,21 @@ class TrainerApp:
         config: TrainConfig | None = None,
         presets: PresetLibrary | None = None,
         context: multiprocessing.context.BaseContext | None = None,
+        estimate_memory: bool = True,
+        estimate_delay: float = 1.0,
     ) -> None:
         self.form = ConfigForm(config)
         self.presets = presets or PresetLibrary()
         self.run = RunController(context)
-        self.scan = DataScan(self.run.context)
+        self.scan = BackgroundReport("scan", self.run.context)
         self.notes: list[NoteProvider] = []
+        # the memory estimate of the config shown, made in a worker once the config has held
+        # still for `estimate_delay` seconds (typing a number does not start one per key)
+        self.estimate = BackgroundReport("estimate", self.run.context) if estimate_memory else None
+        self.estimate_delay = estimate_delay
+        self._estimate_wanted: tuple[str, TrainConfig] | None = None
+        self._wanted_since = 0.0
+        self._estimated: str | None = None  # the config (as JSON) the estimate shown is for
         self.preset: Preset | None = None  # the preset last loaded or saved
 
     # -- presets and files ----------------------------------------------------------------------
@@ -111,7 +121,36 @@ class TrainerApp:
                 lines += list(provider(config))
             except UserError as error:
                 lines.append(str(error))
-        return lines
+        return lines + self._memory_lines(config)
+
+    def _memory_lines(self, config: TrainConfig) -> list[str]:
+        if self.estimate is None:
+            return []
+        key = config_to_json(config)
+        if self._estimate_wanted is None or self._estimate_wanted[0] != key:
+            self._estimate_wanted, self._wanted_since = (key, config), time.monotonic()
+        if key != self._estimated or self.estimate.running:
+            return ["memory estimate: working it out…"]
+        if self.estimate.error:
+            return [f"no memory estimate: {self.estimate.error}"]
+        return ["memory estimate:", *(f"  {line}" for line in self.estimate.lines)]
+
+    def poll_estimate(self) -> bool:
+        """Start the estimate of the config last shown once it held still, and say whether one
+        ended during this call (the status then changes). The view calls this from its loop."""
+        if self.estimate is None:
+            return False
+        ended = self.estimate.poll()
+        wanted = self._estimate_wanted
+        if (
+            wanted is not None
+            and wanted[0] != self._estimated
+            and not self.estimate.running
+            and time.monotonic() - self._wanted_since >= self.estimate_delay
+        ):
+            self._estimated = wanted[0]
+            self.estimate.start(wanted[1])
+        return ended
 
     def status_lines(self) -> list[str]:
         """The status area: how the run is doing or how it ended, its notices (the data report),
@@ -149,6 +188,9 @@ class TrainerApp:
 
     def shutdown(self, timeout: float = 60) -> None:
         """Stop a run (with its backup) and wait for it; used when the window closes."""
+        for report in (self.scan, self.estimate):
+            if report is not None:
+                report.cancel()
         for wait in (timeout, 5):  # a stop at the next step, then at once
             if self.run.running:
                 self.run.stop()

@@ -1,4 +1,5 @@
-"""The process a GUI run (or data scan) lives in: it trains exactly as the CLI does.
+"""The process a GUI run (or a data scan, or a memory estimate) lives in: it trains exactly as
+the CLI does.
 
 Training runs in its own process rather than a thread of the window's: the window stays
 responsive whatever the run does with the interpreter lock, a crash or an out-of-memory kill
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class Job:
-    kind: Literal["train", "scan"]
+    kind: Literal["train", "scan", "estimate"]
     config_json: str  # the validated config, as Export writes it
     resume: bool = False  # continue from the newest backup in the workspace
 
@@ -41,7 +42,9 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class ScanReport:
+class Report:
+    """What a scan or an estimate found, as lines for people."""
+
     lines: tuple[str, ...]
 
 
@@ -67,13 +70,17 @@ def run_job(job: Job, events: Any, commands: Any) -> None:
         events.join_thread()
 
 
-def _run(job: Job, events: Any, commands: Any) -> Finished | ScanReport:
+def _run(job: Job, events: Any, commands: Any) -> Finished | Report:
     from modules.config.loading import load_config
     from modules.training.events import RunCommands
 
     config = load_config(raw=json.loads(job.config_json))
     if job.kind == "scan":
-        return ScanReport(tuple(scan_report(config)))
+        return Report(tuple(scan_report(config)))
+    if job.kind == "estimate":
+        from modules.training.memory_preview import memory_estimate_lines
+
+        return Report(tuple(memory_estimate_lines(config)))
     from modules.training.trainer import TrainingRun
 
     run = TrainingRun(config, resume_latest=job.resume, on_event=events.put)

@@ -26,12 +26,13 @@ def open_window(
     appearance: str = "system",
     app: TrainerApp | None = None,
     presets: PresetLibrary | None = None,
+    estimate_memory: bool = True,
 ) -> TrainWindow:
     """The window, shown and drawn, with `config_path` (or the defaults) loaded; customtkinter
     is imported only here, so a missing display is one clear error."""
     if app is None:
         config = load_config(config_path) if config_path else None
-        app = TrainerApp(config=config, presets=presets)
+        app = TrainerApp(config=config, presets=presets, estimate_memory=estimate_memory)
     try:
         import customtkinter as ctk
 

@@ -311,7 +311,8 @@ class TrainWindow(ctk.CTk):
             for event in events:
                 if isinstance(event, Failed):
                     self.show_message("The run stopped with an error", event.message)
-            self._refresh_run(changed=bool(events))
+            estimated = self.app.poll_estimate()
+            self._refresh_run(changed=bool(events) or estimated)
             self._recheck_disk()
             if self._closing and not self.app.run.running:
                 self.destroy()
