@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
-from modules.lora.preconditioning.linalg import riemannian_directions
+from modules.lora.preconditioning.directions import riemannian_directions
 from modules.training.trainer import TrainingRun
 from tests.helpers import run_cli, straight_and_resumed, tiny_config
 from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
@@ -128,14 +128,26 @@ def test_resuming_a_plain_backup_with_preconditioning_is_a_clear_error(
     assert "Traceback" not in result.stderr
 
 
-def test_off_leaves_the_optimizer_without_hooks_and_the_factors_unpacked(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+@pytest.mark.parametrize("method", ["none", "adaprelora"])
+def test_training_sees_the_same_parameters_and_gradients_either_way(
+    method: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    run = TrainingRun(load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path)))
-    assert run.preconditioner is None
-    assert not run.optimizer.optimizer._optimizer_step_pre_hooks
-    pointers = [p.untyped_storage().data_ptr() for p in run.network.parameters()]
-    assert len(set(pointers)) == len(pointers)  # each factor owns its storage, as before
+    """Off, the optimizer has no hook; on or off, every factor and gradient owns its storage and
+    a step ends with the gradients set to None: nothing outside the package changes."""
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path, lora={"preconditioner": method})
+    run = TrainingRun(load_config(raw=raw))
+    assert (run.preconditioner is None) == (method == "none")
+    assert bool(run.optimizer.optimizer._optimizer_step_pre_hooks) == (method != "none")
+    _, batch = run.dataset.load(0)
+    with run.pipeline.micro_batch():
+        loss = run.model(batch, torch.Generator().manual_seed(0))
+    run.pipeline.backward(loss)
+    parameters = list(run.network.parameters())
+    tensors = [t for p in parameters for t in (p, p.grad)]
+    pointers = [t.untyped_storage().data_ptr() for t in tensors]
+    assert len(set(pointers)) == len(pointers) == 2 * len(parameters)
+    assert run.pipeline.step().applied
+    assert all(p.grad is None for p in parameters)
 
 
 def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
@@ -155,8 +167,10 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
     assert set(groups) == {"unet", "unet_up", "text_encoder", "text_encoder_up"}
     assert groups["unet_up"]["lr"] == pytest.approx(16 * groups["unet"]["lr"])
     assert groups["text_encoder_up"]["lr"] == pytest.approx(16 * 5e-4)
-    assert all(p._lora_role == "B" for p in groups["unet_up"]["params"])
-    assert all(p._lora_role == "A" for p in groups["unet"]["params"])
+    for part in ("unet", "text_encoder"):
+        down, up = zip(*run.network.pairs(part), strict=True)
+        assert groups[f"{part}_up"]["params"] == list(up)
+        assert groups[part]["params"] == list(down)
     assert run.run().steps == 2
 
 
@@ -181,7 +195,7 @@ def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
                 loss = run.model(batch, torch.Generator().manual_seed(position))
             run.pipeline.backward(loss)
         run.pipeline.step()
-        moments.append([m.rows.clone() for m in run.preconditioner.moments])
+        moments.append([g.statistics.moment_rows.clone() for g in run.preconditioner.groups])
     assert moments[0][0].abs().sum() > 0
     for plain, recomputed in zip(*moments, strict=True):
         torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-12)
@@ -207,27 +221,33 @@ def test_every_optimizer_steps_on_the_preconditioned_gradients(
     raw_grads, read_by_step = [], []
     precondition = preconditioner.precondition
 
+    def stacked(*, grads: bool) -> list[torch.Tensor]:
+        """(A, B) or their gradients, stacked over the group's layers."""
+        factors = zip(*group.pairs(), strict=True)
+        return [
+            torch.stack([(p.grad if grads else p).detach().flatten(1) for p in ps])
+            for ps in factors
+        ]
+
     def recording_precondition() -> None:
-        raw_grads.append(
-            [t.detach().clone() for t in (group.a, group.b, group.grad_a, group.grad_b)]
-        )
+        raw_grads.append([*stacked(grads=False), *stacked(grads=True)])
         precondition()
 
     preconditioner.precondition = recording_precondition  # what the pre-hook calls
     # registered after the preconditioner's hook, so it runs after it, just before the update
     run.optimizer.optimizer.register_step_pre_hook(
-        lambda *_: read_by_step.append((group.grad_a.clone(), group.grad_b.clone()))
+        lambda *_: read_by_step.append(stacked(grads=True))
     )
     run.run()
     assert preconditioner.applied_steps == 3 and len(read_by_step) == 3
-    assert group.b.abs().max() > 0  # B moved off zero at step 1: steps 2 and 3 test g_A too
+    assert stacked(grads=False)[1].abs().max() > 0  # B left zero at step 1: steps 2, 3 test g_A
     for (a, b, grad_a, grad_b), (read_a, read_b) in zip(raw_grads, read_by_step, strict=True):
         direction_a, direction_b = riemannian_directions(
             a=a.double(),
             b=b.double(),
             grad_a=grad_a.double(),
             grad_b=grad_b.double(),
-            scale=group.scale.double(),
+            scale=group.scale().double(),
             damping=preconditioner.settings.damping,
         )
         # float32 against float64, to the largest entry's precision (entries near zero lose

@@ -364,7 +364,7 @@ def load_lora_into(network: LoRANetwork, path: str | Path) -> str:
 
     Every check runs before anything is copied, so a bad file leaves the network untouched.
     Copying goes through `load_state_dict`, which keeps the Parameter objects (optimizer state,
-    hooks) and re-links the `_lora_pair` cross-links.
+    hooks) and sets each adapter's scale from the file's alpha.
     """
     path = Path(path)
     tensors, metadata = _read_file(path)
@@ -394,6 +394,4 @@ def load_lora_into(network: LoRANetwork, path: str | Path) -> str:
     leftover = [key for key in missing if not key.endswith(KOHYA_ALPHA)] + list(unexpected)
     if leftover:  # the layouts cover the network exactly; this guards against drift
         raise RuntimeError(f"internal LoRA key mismatch: {leftover[:3]}")
-    for adapter in network.adapters.values():
-        adapter.link_factors()
     return layout.name

@@ -56,8 +56,7 @@ def write_backup(
     target = root / f"{BACKUP_PREFIX}{state.progress.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        # clone: packed LoRA factors are views of one stack, which safetensors refuses to share
-        weights = {k: v.detach().cpu().clone() for k, v in state.network.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in state.network.state_dict().items()}
         save_file(weights, tmp / "lora.safetensors")
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(
