@@ -22,14 +22,11 @@ BENCHMARKS = REPO / "docs" / "benchmarks.md"
 # script -> (the smallest arguments that still go through every part, a line the table prints)
 SMOKE_RUNS = {
     "benchmark_preconditioner.py": (
-        ["--ranks", "4", "--repeats", "1", "--threads", "1", "--no-write"],
+        ["--ranks", "4", "--repeats", "1", "--tap-rounds", "1", "--threads", "1", "--no-write"],
         "| rank | LoRA params | ours, Riemannian |",
     ),
     "benchmark_preconditioner_step.py": (
-        [
-            *["--steps", "5", "--turn", "2", "--warmup", "1", "--tap-rounds", "1"],
-            *["--threads", "1", "--no-write"],
-        ],
+        ["--steps", "5", "--turn", "2", "--warmup", "1", "--threads", "1", "--no-write"],
         "| AdaPreLoRA |",
     ),
     "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),

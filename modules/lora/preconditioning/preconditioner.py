@@ -41,11 +41,6 @@ class Settings:
     seed: int = 0  # AdaPreLoRA: of the probes
 
 
-def _matrix(tensor: torch.Tensor) -> torch.Tensor:
-    """A factor or its gradient as the matrix the math sees: Conv2d weights as (out, in*kh*kw)."""
-    return tensor.detach().flatten(1)
-
-
 @torch.no_grad()
 def precondition_pairs_(
     pairs: Sequence[Pair],
@@ -58,21 +53,29 @@ def precondition_pairs_(
     or AdaPreLoRA with these Adafactor `weights`. A missing gradient counts as zero (both methods
     are linear in the gradients) and stays missing."""
     a, b = zip(*pairs, strict=True)
-    grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in f] for f in (a, b)]
+
+    def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(k, rows, columns): Conv2d weights flatten to (out, in*kh*kw) matrices."""
+        return torch.stack(tensors).flatten(2)
+
+    def grads(factors: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in factors]
+
     stacks = {
-        "a": torch.stack([_matrix(p) for p in a]),
-        "b": torch.stack([_matrix(p) for p in b]),
-        "grad_a": torch.stack([_matrix(g) for g in grads[0]]),
-        "grad_b": torch.stack([_matrix(g) for g in grads[1]]),
+        "a": stacked(a),
+        "b": stacked(b),
+        "grad_a": stacked(grads(a)),
+        "grad_b": stacked(grads(b)),
     }
     if weights is None:
         directions = riemannian_directions(**stacks, scale=scale, damping=damping)
     else:
         directions = adaprelora_directions(**stacks, scale=scale, weights=weights, damping=damping)
     for factors, stack in zip((a, b), directions, strict=True):
-        for param, direction in zip(factors, stack.unbind(), strict=True):
+        shaped = stack.view(len(factors), *factors[0].shape).unbind()
+        for param, direction in zip(factors, shaped, strict=True):
             if param.grad is not None:
-                param.grad.copy_(direction.view(param.shape))
+                param.grad.copy_(direction)
 
 
 @dataclass
@@ -116,7 +119,7 @@ class LoRAPreconditioner:
         self.loss_scale = loss_scale
         grouped: dict[tuple, list[LoRAModule]] = defaultdict(list)
         for adapter in adapters:
-            a, b = (_matrix(f) for f in adapter.factors)
+            a, b = adapter.factors
             grouped[(a.shape, b.shape, a.dtype, a.device)].append(adapter)
         self.groups = [_Group(adapters=members) for members in grouped.values()]
         self.applied_steps = 0
