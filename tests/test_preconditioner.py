@@ -88,24 +88,27 @@ def test_step_applies_the_float64_directions_to_linear_and_conv_layers() -> None
         torch.testing.assert_close(got_b, b, rtol=1e-5, atol=1e-6)
 
 
-def test_factors_and_gradients_stay_the_parameters_own_through_what_trainers_do() -> None:
-    """No shared stacks: every factor and gradient keeps its own storage across steps, gradients
-    set to None come back as the optimizer expects, and a load with assign=True (new Parameter
+def test_factors_stay_the_parameters_own_through_what_trainers_do() -> None:
+    """No shared stacks: every factor keeps its own storage across steps and autograd makes the
+    gradients as it would without the preconditioner; the hook's gradients have each factor's
+    shape and dtype, zero_grad sets them to None, and a load with assign=True (new Parameter
     objects) is followed, since the preconditioner reads each adapter's factors at every step."""
     model = TwoLayers()
     damping = Damping(relative=0.05, absolute=1e-6)
     preconditioner = LoRAPreconditioner(model.adapters, Settings(damping=damping))
 
-    def storages() -> list[int]:
-        tensors = [t for p in model.lora_parameters() for t in (p, p.grad) if t is not None]
-        return [t.untyped_storage().data_ptr() for t in tensors]
+    def storages(tensors: list[torch.Tensor]) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors}
 
     for _ in range(2):
         optimizer = torch.optim.SGD(model.lora_parameters(), lr=0.1)
         preconditioner.attach(optimizer)
         model(*_inputs()).backward()
+        factors = model.lora_parameters()
+        assert len(storages([t for p in factors for t in (p, p.grad)])) == 12
         optimizer.step()
-        assert len(set(storages())) == len(storages()) == 12
+        assert len(storages(model.lora_parameters())) == 6
+        assert all(p.grad.shape == p.shape and p.grad.dtype == p.dtype for p in factors)
         optimizer.zero_grad()  # set_to_none, torch's default
         assert all(p.grad is None for p in model.lora_parameters())
         preconditioner.detach()
