@@ -1,4 +1,4 @@
-"""Preconditioning and LoRA+ in real runs of the tiny SDXL model: CLI, resume, diffusers."""
+"""Preconditioning and LoRA+ in real runs of each family's tiny model: CLI, resume, diffusers."""
 
 from __future__ import annotations
 
@@ -8,16 +8,45 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
 from modules.lora.preconditioning.directions import riemannian_directions
 from modules.training.trainer import TrainingRun
-from tests.helpers import run_cli, straight_and_resumed, tiny_config
-from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
+from tests.flux_networks import transformer_out
+from tests.helpers import TinyModel, run_cli, straight_and_resumed, tiny_config
+from tests.test_lora_formats import (
+    load_in_diffusers,
+    load_pipe,
+    loader_complaints,
+    rel_err,
+    unet_out,
+)
 
 ADAPRELORA = {"preconditioner": "adaprelora"}
+# The layout each family's file is saved in for diffusers to load it whole (diffusers drops some
+# of Flux's layers in BFL's names at the tiny model's width; tests/test_flux_lora_files.py)
+DIFFUSERS_FORMAT = {"sdxl": "kohya", "flux": "diffusers"}
+
+
+def denoiser_outputs_in_diffusers(
+    tiny_model: TinyModel, lora: Path | None
+) -> tuple[torch.Tensor, list[str]]:
+    """The denoiser's output for fixed inputs in a diffusers pipeline of the tiny model, with
+    `lora` loaded by diffusers (none: the base model), and what diffusers complained about."""
+    if tiny_model.family == "flux":
+        pipe = FluxPipeline.from_pretrained(tiny_model.path)
+        if lora is None:
+            return transformer_out(pipe.transformer), []
+        with loader_complaints() as complaints:
+            pipe.load_lora_weights(str(lora))
+        return transformer_out(pipe.transformer), complaints
+    if lora is None:
+        return unet_out(load_pipe(tiny_model.path)), []
+    pipe, complaints = load_in_diffusers(tiny_model.path, lora)
+    return unet_out(pipe), complaints
 
 
 @pytest.mark.parametrize(
@@ -29,10 +58,9 @@ ADAPRELORA = {"preconditioner": "adaprelora"}
     ids=["riemannian", "adaprelora-checkpointing"],
 )
 def test_loss_falls_with_preconditioning(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path, lora: dict, training: dict
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path, lora: dict, training: dict
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"rank": 8, "alpha": 8, "layer_preset": "full", **lora},
@@ -43,26 +71,29 @@ def test_loss_falls_with_preconditioning(
     assert run.preconditioner is not None
     _, batch = run.dataset.load(0)
     losses = []
-    for _ in range(40):
+    for _ in range(60):  # as many as the plain run of test_training.py gets to halve its loss
         with run.pipeline.micro_batch():
             loss = run.model(batch, torch.Generator().manual_seed(0))
         run.pipeline.backward(loss)
         losses.append(run.pipeline.step().loss)
-    assert run.preconditioner.applied_steps == 40
+    assert run.preconditioner.applied_steps == 60
     assert all(math.isfinite(x) for x in losses)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses
 
 
 def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    """Every part that can be trained is trained and preconditioned; the saved file loads in
+    diffusers and changes what the denoiser computes."""
+    raw = tiny_model.config(tiny_dataset_path, tmp_path)
+    parts = [spec.name for spec in load_config(raw=raw).model.part_specs() if spec.trainable]
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"preconditioner": "riemannian", "layer_preset": "full"},
-        model={"text_encoder": {"train": True}, "text_encoder_2": {"train": True}},
-        output={"save_dtype": "float32"},
+        model={part: {"train": True} for part in parts},
+        output={"save_dtype": "float32", "format": DIFFUSERS_FORMAT[tiny_model.family]},
     )
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(raw), encoding="utf-8")
@@ -71,22 +102,25 @@ def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
     assert "torchvision" not in result.stderr  # transformers' import-time advice, not ours
     summary = next(line for line in result.stdout.splitlines() if "preconditioning on" in line)
     assert summary.startswith("riemannian preconditioning on ")
-    for part in ("unet", "text_encoder", "text_encoder_2"):
+    assert len(parts) > 1
+    for part in parts:
         assert f"{part}: " in summary
     assert "at rank 4" in summary
     assert "NOT preconditioned" not in summary
 
     lora_path = tmp_path / "test-lora.safetensors"
     weights = load_file(lora_path)
-    assert any(v.abs().max() > 0 for k, v in weights.items() if k.endswith("lora_up.weight"))
-    pipe, complaints = load_in_diffusers(tiny_sdxl_path, lora_path)
+    ups = [v for k, v in weights.items() if k.endswith(("lora_up.weight", "lora_B.weight"))]
+    assert ups and any(v.abs().max() > 0 for v in ups)
+    trained, complaints = denoiser_outputs_in_diffusers(tiny_model, lora_path)
     assert complaints == []
-    assert rel_err(unet_out(pipe), unet_out(load_pipe(tiny_sdxl_path))) > 1e-4  # it took effect
+    base, _ = denoiser_outputs_in_diffusers(tiny_model, None)
+    assert rel_err(trained, base) > 1e-4  # it took effect
 
 
 @pytest.mark.usefixtures("deterministic_kernels")
 def test_resume_is_exact_with_adaprelora_statistics(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     sections = {
         "lora": {"rank": 4, "alpha": 2, **ADAPRELORA, "adaprelora_probes": 4},
@@ -96,9 +130,7 @@ def test_resume_is_exact_with_adaprelora_statistics(
     }
 
     def make_config(workspace: Path) -> TrainConfig:
-        return load_config(
-            raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, **sections)
-        )
+        return load_config(raw=tiny_model.config(tiny_dataset_path, workspace, **sections))
 
     a, b = straight_and_resumed(make_config, tmp_path, stop_at=3)
     saved = torch.load(
@@ -106,6 +138,7 @@ def test_resume_is_exact_with_adaprelora_statistics(
     )
     assert saved["preconditioner"]["applied_steps"] == 3
     assert saved["preconditioner"]["rows"][0].abs().sum() > 0  # the Adafactor moments travel
+    assert a.keys() == b.keys()
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     assert worst < 1e-6
 
@@ -151,10 +184,9 @@ def test_training_sees_the_same_parameters_and_gradients_either_way(
 
 
 def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"loraplus_ratio": 16, "preconditioner": "riemannian"},
@@ -163,11 +195,14 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
         training={"max_steps": 2},
     )
     run = TrainingRun(load_config(raw=raw))
+    parts = run.network.parts()
+    assert len(parts) == 2 and "text_encoder" in parts
     groups = {g["name"]: g for g in run.optimizer.param_groups}
-    assert set(groups) == {"unet", "unet_up", "text_encoder", "text_encoder_up"}
-    assert groups["unet_up"]["lr"] == pytest.approx(16 * groups["unet"]["lr"])
-    assert groups["text_encoder_up"]["lr"] == pytest.approx(16 * 5e-4)
-    for part in ("unet", "text_encoder"):
+    assert set(groups) == {*parts, *(f"{part}_up" for part in parts)}
+    for part in parts:
+        lr = 5e-4 if part == "text_encoder" else 1e-3
+        assert groups[part]["lr"] == pytest.approx(lr)
+        assert groups[f"{part}_up"]["lr"] == pytest.approx(16 * lr)
         down, up = zip(*run.network.pairs(part), strict=True)
         assert groups[f"{part}_up"]["params"] == list(up)
         assert groups[part]["params"] == list(down)
@@ -175,14 +210,13 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
 
 
 def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     """Checkpointing recomputes each block's forward pass in the backward pass; the sketches
     taken in the LoRA products must still count every micro-batch exactly once."""
     moments = []
     for checkpointing in (False, True):
-        raw = tiny_config(
-            tiny_sdxl_path,
+        raw = tiny_model.config(
             tiny_dataset_path,
             tmp_path / str(checkpointing),
             lora={"rank": 4, "alpha": 4, **ADAPRELORA},
@@ -201,14 +235,18 @@ def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
         torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "prodigy"])
+# every optimizer on SDXL; on Flux the default one (the hook does not depend on the family)
+@pytest.mark.parametrize(
+    ("tiny_model", "name"),
+    [*(("sdxl", name) for name in ("adamw", "sgd", "adafactor", "prodigy")), ("flux", "adamw")],
+    indirect=["tiny_model"],
+)
 def test_every_optimizer_steps_on_the_preconditioned_gradients(
-    name: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    name: str, tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     """With each optimizer the trainer offers (adamw_8bit needs CUDA), the gradients its step
     reads are the float64 Riemannian directions of the finished raw gradients, once a step."""
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"rank": 4, "alpha": 8, "preconditioner": "riemannian"},
