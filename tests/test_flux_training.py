@@ -1,14 +1,14 @@
-"""Flux as a user trains it: the preset through the CLI, preconditioned runs, CLIP-L, bfloat16
-frozen parts, [schnell], LoRA+, sampling with the LoRA applied.
+"""Flux as a user trains it: the preset through the CLI, CLIP-L, bfloat16 frozen parts,
+[schnell], sampling with the LoRA applied.
 
-The family-neutral behaviour (resume, validation, caches, buckets, masks, files read back) is
-covered by the tests parametrised with `tiny_model` in test_training.py, test_data_*.py.
+The family-neutral behaviour (resume, validation, caches, buckets, masks, files read back,
+preconditioned runs and LoRA+) is covered by the tests parametrised with `tiny_model` in
+test_training.py, test_data_*.py and test_preconditioner_training.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from modules.config.loading import load_config
 from modules.models.flux.tiny import build_tiny_flux
 from modules.training.trainer import TrainingRun, train
 from tests.conftest import FAMILY_SETTINGS
-from tests.helpers import TinyModel, run_cli, straight_and_resumed
+from tests.helpers import TinyModel, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,75 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def flux(tiny_flux_path: Path) -> TinyModel:
     return TinyModel("flux", tiny_flux_path, FAMILY_SETTINGS["flux"])
-
-
-def _overfit(run: TrainingRun, steps: int) -> list[float]:
-    """Train `steps` on the same batch, noise and timesteps; the losses."""
-    _, batch = run.dataset.load(0)
-    losses = []
-    for _ in range(steps):
-        with run.pipeline.micro_batch():
-            loss = run.model(batch, torch.Generator().manual_seed(0))
-        run.pipeline.backward(loss)
-        losses.append(run.pipeline.step().loss)
-    return losses
-
-
-@pytest.mark.parametrize("preconditioner", ["riemannian", "adaprelora"])
-def test_preconditioned_lora_overfits_one_batch(
-    preconditioner: str, flux: TinyModel, tiny_dataset_path: Path, tmp_path: Path
-) -> None:
-    raw = flux.config(
-        tiny_dataset_path,
-        tmp_path,
-        lora={"rank": 8, "alpha": 8, "layer_preset": "full", "preconditioner": preconditioner},
-        optimizer={"learning_rate": 3e-3, "weight_decay": 0.0},
-        training={"batch_size": 2, "max_grad_norm": 0},
-    )
-    run = TrainingRun(load_config(raw=raw))
-    assert run.preconditioner is not None
-    losses = _overfit(run, 60)
-    assert all(math.isfinite(x) for x in losses)
-    assert min(losses[-5:]) <= 0.5 * losses[0], losses
-
-
-@pytest.mark.usefixtures("deterministic_kernels")
-@pytest.mark.parametrize("preconditioner", ["riemannian", "adaprelora"])
-def test_preconditioned_resume_is_exact(
-    preconditioner: str, flux: TinyModel, tiny_dataset_path: Path, tmp_path: Path
-) -> None:
-    """AdaPreLoRA's running statistics and the optimizer state come back from the backup."""
-    sections = {
-        "lora": {"rank": 4, "alpha": 4, "preconditioner": preconditioner},
-        "training": {"max_steps": 5, "batch_size": 1, "gradient_accumulation_steps": 2},
-        "output": {"save_dtype": "float32"},
-    }
-    a, b = straight_and_resumed(
-        lambda workspace: load_config(raw=flux.config(tiny_dataset_path, workspace, **sections)),
-        tmp_path,
-        stop_at=2,
-    )
-    assert a.keys() == b.keys()
-    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
-
-
-def test_loraplus_gives_each_part_an_up_group(
-    flux: TinyModel, tiny_dataset_path: Path, tmp_path: Path
-) -> None:
-    raw = flux.config(
-        tiny_dataset_path,
-        tmp_path,
-        model={"text_encoder": {"train": True, "learning_rate": 2e-4}},
-        lora={"loraplus_ratio": 16},
-    )
-    run = TrainingRun(load_config(raw=raw))
-    groups = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
-    assert groups == {
-        "transformer": 1e-3,
-        "transformer_up": 1.6e-2,
-        "text_encoder": 2e-4,
-        "text_encoder_up": pytest.approx(3.2e-3),
-    }
 
 
 def test_clip_lora_with_checkpointing_shift_and_weighting(

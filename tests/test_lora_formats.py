@@ -24,7 +24,6 @@ from modules.config.local_paths import local_path_mark, shareable_config
 from modules.config.schema import TrainConfig
 from modules.errors import UserError
 from modules.lora.formats import build_metadata, load_lora_into, read_lora_metadata, save_lora
-from modules.lora.layers import lora_pairs
 from modules.lora.network import LoRANetwork
 from modules.models.registry import family_configs
 from modules.models.sdxl.keys import sdxl_lora_layouts
@@ -354,9 +353,8 @@ def test_round_trip_into_a_fresh_network(
         assert torch.allclose(adapter.merged_delta_weight(), want, rtol=1e-5, atol=1e-7), name
         down, up = adapter.lora_down.weight, adapter.lora_up.weight
         assert [down, up] == params_before[name], "load must copy in place"
-        assert down._lora_pair is up and up._lora_pair is down
-        assert (down._lora_role, up._lora_role) == ("A", "B")
-    assert len(lora_pairs(fresh.parameters())) == len(fresh.adapters)
+        assert adapter.factors == (down, up)
+    assert len(fresh.pairs()) == len(fresh.adapters)
 
 
 def test_diffusers_layout_without_text_model_wrapper_loads(network_on, tmp_path: Path) -> None:

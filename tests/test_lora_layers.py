@@ -1,4 +1,4 @@
-"""LoRA adapters: factor cross-links, the exact residual they add, and where they are injected."""
+"""LoRA adapters: their factor pair, the exact residual they add, and where they are injected."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from modules.errors import UserError
-from modules.lora.layers import LoRAConv2d, LoRALinear, LoRAModule, lora_pairs
+from modules.lora.layers import LoRAConv2d, LoRALinear, LoRAModule
 from modules.lora.network import LoRANetwork, LoRATarget, select_layers
 from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
 
@@ -34,12 +34,13 @@ def adapter(request: pytest.FixtureRequest) -> LoRAModule:
     return ADAPTERS[request.param]()
 
 
-def assert_linked(adapter: LoRAModule) -> None:
-    down, up = adapter.lora_down.weight, adapter.lora_up.weight
-    assert down._lora_pair is up
-    assert up._lora_pair is down
-    assert down._lora_role == "A"
-    assert up._lora_role == "B"
+def assert_paired(adapter: LoRAModule) -> None:
+    """`factors` is the live (A, B): the Parameters the adapter computes with right now, with
+    nothing attached to them."""
+    down, up = adapter.factors
+    assert down is adapter.lora_down.weight and up is adapter.lora_up.weight
+    assert down.shape[0] == up.shape[1] == adapter.rank
+    assert not {"_lora_pair", "_lora_role"} & (set(vars(down)) | set(vars(up)))
 
 
 def randomize_up(adapter: LoRAModule) -> None:
@@ -47,21 +48,21 @@ def randomize_up(adapter: LoRAModule) -> None:
         adapter.lora_up.weight.normal_(std=0.5)
 
 
-# -- cross-links --------------------------------------------------------------------------------
+# -- the factor pair --------------------------------------------------------------------------------
 
 
-def test_factors_are_cross_linked(adapter: LoRAModule) -> None:
-    assert_linked(adapter)
+def test_factors_are_the_down_and_up_weights(adapter: LoRAModule) -> None:
+    assert_paired(adapter)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_links_survive_dtype_conversion(adapter: LoRAModule, dtype: torch.dtype) -> None:
+def test_pair_follows_dtype_conversion(adapter: LoRAModule, dtype: torch.dtype) -> None:
     adapter.to(dtype)
     assert adapter.lora_down.weight.dtype == dtype
-    assert_linked(adapter)
+    assert_paired(adapter)
 
 
-def test_links_survive_swapping_conversion(adapter: LoRAModule) -> None:
+def test_pair_follows_swapping_conversion(adapter: LoRAModule) -> None:
     """With swap_tensors, `.to()` replaces each Parameter's contents, attributes included."""
     previous = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
@@ -72,26 +73,26 @@ def test_links_survive_swapping_conversion(adapter: LoRAModule) -> None:
         torch.__future__.set_swap_module_params_on_conversion(previous)
     assert torch.__future__.get_swap_module_params_on_conversion() == previous
     assert adapter.lora_down.weight.dtype == torch.bfloat16
-    assert_linked(adapter)
+    assert_paired(adapter)
 
 
-def test_links_survive_load_state_dict(adapter: LoRAModule) -> None:
+def test_pair_follows_load_state_dict(adapter: LoRAModule) -> None:
     torch.manual_seed(1)
     other = ADAPTERS["linear" if isinstance(adapter, LoRALinear) else "conv"]()
     randomize_up(other)
     adapter.load_state_dict(other.state_dict())
     assert torch.equal(adapter.lora_up.weight, other.lora_up.weight)
-    assert_linked(adapter)
+    assert_paired(adapter)
 
 
-def test_links_survive_load_state_dict_assign(adapter: LoRAModule) -> None:
+def test_pair_follows_load_state_dict_assign(adapter: LoRAModule) -> None:
     state = {key: value.clone() for key, value in adapter.state_dict().items()}
     adapter.load_state_dict(state, assign=True)
-    assert_linked(adapter)
+    assert_paired(adapter)
 
 
-def test_links_survive_deepcopy(adapter: LoRAModule) -> None:
-    assert_linked(copy.deepcopy(adapter))
+def test_pair_follows_deepcopy(adapter: LoRAModule) -> None:
+    assert_paired(copy.deepcopy(adapter))
 
 
 def test_keyword_only_constructor() -> None:
@@ -317,17 +318,18 @@ def test_text_encoder_names(models: dict[str, nn.Module]) -> None:
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc2" in te2
 
 
-def test_lora_pairs_finds_every_pair(models: dict[str, nn.Module]) -> None:
+def test_network_pairs_every_adapter_by_part(models: dict[str, nn.Module]) -> None:
     with injected(models, parts={"unet", "text_encoder"}, preset="full") as network:
-        pairs = lora_pairs(network.parameters())
-        expected = {
-            (id(a.lora_down.weight), id(a.lora_up.weight)) for a in network.adapters.values()
-        }
-        assert {(id(a), id(b)) for a, b in pairs} == expected
-        assert len(pairs) == len(network.adapters)
+        pairs = network.pairs()
+        expected = [(a.lora_down.weight, a.lora_up.weight) for a in network.adapters.values()]
+        assert pairs == expected
+        by_part = [p for part in network.parts() for pair in network.pairs(part) for p in pair]
+        assert sorted(map(id, by_part)) == sorted(id(p) for pair in pairs for p in pair)
+        for part in network.parts():
+            part_params = network.parameters_of(part)
+            assert [p for pair in network.pairs(part) for p in pair] == part_params
         network.to(torch.float64)
-        assert len(lora_pairs(network.parameters())) == len(network.adapters)
-        assert sum(len(network.parameters_of(p)) for p in network.parts()) == 2 * len(pairs)
+        assert all(a.dtype == b.dtype == torch.float64 for a, b in network.pairs())
 
 
 def test_injected_unet_output(models: dict[str, nn.Module]) -> None:

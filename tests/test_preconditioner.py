@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,15 +12,8 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from modules.lora.layers import LoRAConv2d, LoRALinear
-from modules.lora.preconditioning.adaprelora import AdafactorWeights
-from modules.lora.preconditioning.coverage import find_coverage
-from modules.lora.preconditioning.linalg import Damping
-from modules.lora.preconditioning.preconditioner import (
-    LoRAPair,
-    LoRAPreconditioner,
-    PreconditionerSettings,
-)
-from modules.lora.preconditioning.sketch import LayerSketch, ProbeSource, install_tap
+from modules.lora.network import LoRANetwork
+from modules.lora.preconditioning import Damping, LoRAPreconditioner, Settings, find_coverage
 from modules.training.gradient_pipeline import GradientPipeline
 
 
@@ -52,11 +46,13 @@ class TwoLayers(nn.Module):
         return [p for adapter in self.adapters for p in adapter.parameters()]
 
 
-def _pairs(model: TwoLayers) -> list[LoRAPair]:
-    return [
-        LoRAPair(a=m.lora_down.weight, b=m.lora_up.weight, scale=m.scale, adapter=m)
-        for m in model.adapters
-    ]
+def _network(model: TwoLayers) -> LoRANetwork:
+    """The model's adapters as the trainer's LoRA network holds them (all in the unet part)."""
+    adapters = list(model.adapters)
+    names = {adapter.name: adapter.name for adapter in adapters}
+    return LoRANetwork(
+        adapters, part_of=dict.fromkeys(names, "unet"), module_path=names, export_path=names
+    )
 
 
 def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +64,7 @@ def test_step_applies_the_float64_directions_to_linear_and_conv_layers() -> None
     model = TwoLayers(alpha=3.0)
     damping = Damping(relative=0.05, absolute=1e-6)
     optimizer = torch.optim.SGD(model.lora_parameters(), lr=1.0)
-    LoRAPreconditioner(_pairs(model), PreconditionerSettings(damping=damping)).attach(optimizer)
+    LoRAPreconditioner(model.adapters, Settings(damping=damping)).attach(optimizer)
     model(*_inputs()).backward()
     expected = []
     for adapter in model.adapters:  # explicit float64 on the flattened matrices
@@ -92,32 +88,45 @@ def test_step_applies_the_float64_directions_to_linear_and_conv_layers() -> None
         torch.testing.assert_close(got_b, b, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_factors_stay_packed_and_survive_what_trainers_do_to_parameters() -> None:
+def test_factors_stay_the_parameters_own_through_what_trainers_do() -> None:
+    """No shared stacks: every factor keeps its own storage across steps and autograd makes the
+    gradients as it would without the preconditioner; the hook's gradients have each factor's
+    shape and dtype, zero_grad sets them to None, and a load with assign=True (new Parameter
+    objects) is followed, since the preconditioner reads each adapter's factors at every step."""
     model = TwoLayers()
-    optimizer = torch.optim.AdamW(model.lora_parameters(), lr=1e-2)
-    preconditioner = LoRAPreconditioner(_pairs(model), PreconditionerSettings())
-    preconditioner.attach(optimizer)
+    damping = Damping(relative=0.05, absolute=1e-6)
+    preconditioner = LoRAPreconditioner(model.adapters, Settings(damping=damping))
+
+    def storages(tensors: list[torch.Tensor]) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
     for _ in range(2):
+        optimizer = torch.optim.SGD(model.lora_parameters(), lr=0.1)
+        preconditioner.attach(optimizer)
         model(*_inputs()).backward()
+        factors = model.lora_parameters()
+        assert len(storages([t for p in factors for t in (p, p.grad)])) == 12
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-    assert all(group.refresh() == 0 for group in preconditioner.groups)  # no repacking needed
-    # set_to_none and a state-dict load with assign=True move tensors: the next step repacks
-    state = copy.deepcopy(model.adapters[0].state_dict())
-    model.adapters[0].load_state_dict(state, assign=True)
-    optimizer.zero_grad(set_to_none=True)
+        assert len(storages(model.lora_parameters())) == 6
+        assert all(p.grad.shape == p.shape and p.grad.dtype == p.dtype for p in factors)
+        optimizer.zero_grad()  # set_to_none, torch's default
+        assert all(p.grad is None for p in model.lora_parameters())
+        preconditioner.detach()
+        state = copy.deepcopy(model.adapters[0].state_dict())
+        model.adapters[0].load_state_dict(state, assign=True)
+    replaced = model.adapters[0].lora_down.weight
     model(*_inputs()).backward()
-    optimizer.step()  # the optimizer still updates its own (original) Parameter objects
-    assert all(group.refresh() == 0 for group in preconditioner.groups)
-    assert model.adapters[0].lora_down.weight._lora_pair is model.adapters[0].lora_up.weight
-    # a gradient replaced by another tensor (not None) is found and copied into its slot too
-    up = model.adapters[1].lora_up.weight
-    up.grad = torch.full_like(up, 7.0)
-    assert sum(group.refresh() for group in preconditioner.groups) == 1
-    assert up.grad.eq(7.0).all() and any(
-        group.grad_b.eq(7.0).any() for group in preconditioner.groups
-    )
-    assert all(group.refresh() == 0 for group in preconditioner.groups)
+    raw = [
+        (p.detach().double().flatten(1), p.grad.double().flatten(1))
+        for p in model.adapters[0].factors
+    ]
+    preconditioner.precondition()
+    (_, grad_a), (b, _) = raw
+    s = model.adapters[0].scale
+    gram = s * s * b.T @ b
+    lam = 0.05 * torch.trace(gram) / 2 + 1e-6
+    expected = torch.linalg.solve(gram + lam * torch.eye(2, dtype=torch.float64), grad_a)
+    torch.testing.assert_close(replaced.grad.double().flatten(1), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_huge_damping_with_adam_reproduces_plain_adamw() -> None:
@@ -126,8 +135,8 @@ def test_huge_damping_with_adam_reproduces_plain_adamw() -> None:
         eps = 1e-20 if precondition else 1e-8  # the preconditioned gradient is g / 1e12
         optimizer = torch.optim.AdamW(model.lora_parameters(), lr=1e-2, eps=eps)
         if precondition:
-            settings = PreconditionerSettings(damping=Damping(relative=0.0, absolute=1e12))
-            LoRAPreconditioner(_pairs(model), settings).attach(optimizer)
+            settings = Settings(damping=Damping(relative=0.0, absolute=1e12))
+            LoRAPreconditioner(model.adapters, settings).attach(optimizer)
         x, image = _inputs()
         for _ in range(5):
             model(x.double(), image.double()).backward()
@@ -163,11 +172,9 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_samples(method: s
     def run(accumulation: int) -> list[torch.Tensor]:
         model = TwoLayers()
         optimizer = torch.optim.AdamW(model.lora_parameters(), lr=1e-2)
-        settings = PreconditionerSettings(method=method, sketch_size=4)
-        preconditioner = LoRAPreconditioner(_pairs(model), settings)
-        preconditioner.attach(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        settings = Settings(method=method, probes=4)
+        LoRAPreconditioner(model.adapters, settings).attach(optimizer)
         pipeline = _accelerated(model, optimizer, accumulation)
-        pipeline.on_zero_grad.append(preconditioner.zero_)
         for _ in range(3):
             for part in range(accumulation):
                 rows = slice(part * 8 // accumulation, (part + 1) * 8 // accumulation)
@@ -211,12 +218,8 @@ def test_matches_peft_riemannian_optimizer_as_an_oracle() -> None:
         adapters.append(adapter)
     params = [p for adapter in adapters for p in adapter.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    pairs = [
-        LoRAPair(a=m.lora_down.weight, b=m.lora_up.weight, scale=m.scale, adapter=m)
-        for m in adapters
-    ]
     damping = Damping(relative=0.0, absolute=reg)  # PEFT: absolute damping, no s
-    LoRAPreconditioner(pairs, PreconditionerSettings(damping=damping)).attach(optimizer)
+    LoRAPreconditioner(adapters, Settings(damping=damping)).attach(optimizer)
 
     data = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
     target = torch.randn(16, 4, generator=torch.Generator().manual_seed(4))
@@ -238,13 +241,13 @@ def test_matches_peft_riemannian_optimizer_as_an_oracle() -> None:
 def test_bf16_factors_stay_finite_for_200_steps_at_a_high_learning_rate() -> None:
     model = TwoLayers().to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.lora_parameters(), lr=5e-2)
-    preconditioner = LoRAPreconditioner(_pairs(model), PreconditionerSettings())
+    preconditioner = LoRAPreconditioner(model.adapters, Settings())
     preconditioner.attach(optimizer)
     x, image = _inputs()
     for _ in range(200):
         model(x.bfloat16(), image.bfloat16()).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad()
     assert all(torch.isfinite(p).all() for p in model.lora_parameters())
     assert model.adapters[0].lora_down.weight.dtype == torch.bfloat16
 
@@ -252,7 +255,7 @@ def test_bf16_factors_stay_finite_for_200_steps_at_a_high_learning_rate() -> Non
 def test_a_step_the_fp16_scaler_skips_never_reaches_the_preconditioner() -> None:
     model = TwoLayers()
     optimizer = torch.optim.SGD(model.lora_parameters(), lr=0.1)
-    preconditioner = LoRAPreconditioner(_pairs(model), PreconditionerSettings())
+    preconditioner = LoRAPreconditioner(model.adapters, Settings())
     preconditioner.attach(optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     x, image = _inputs()
@@ -264,184 +267,132 @@ def test_a_step_the_fp16_scaler_skips_never_reaches_the_preconditioner() -> None
     assert all(torch.equal(p, q) for p, q in zip(model.lora_parameters(), before, strict=True))
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_adaprelora_sketch_estimates_the_exact_gradient_energies(kind: str) -> None:
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer = nn.Linear(12, 9)
-        inputs = torch.randn(4, 5, 12)
-    else:
-        layer = nn.Conv2d(3, 4, kernel_size=3, padding=1, stride=2)
-        inputs = torch.randn(2, 3, 8, 8)
-    m, n = layer.weight.shape[0], layer.weight[0].numel()
-    probes = ProbeSource(size=4096, seed=1)
-    rows, cols = torch.zeros(m, 4096), torch.zeros(4096, n)
-    handle = install_tap(LayerSketch(rows=rows, cols=cols, base=layer, probes=probes))
-    for _ in range(2):  # two micro-batches: the sketch of their summed gradient
-        layer(inputs).sin().sum().backward()
-    handle.remove()
-    full = layer.weight.grad.flatten(1).double()  # G accumulated over both micro-batches
-    torch.testing.assert_close(
-        rows.double().square().mean(-1), full.square().sum(1), rtol=0.1, atol=1e-6
-    )
-    torch.testing.assert_close(
-        cols.double().square().mean(0), full.square().sum(0), rtol=0.1, atol=1e-6
-    )
-
-
-def test_adaprelora_state_round_trips_and_rejects_another_method() -> None:
+def _statistics_run(
+    settings: Settings, steps: int, *, skipped: tuple[int, ...] = ()
+) -> tuple[TwoLayers, LoRAPreconditioner]:
+    """SGD steps on TwoLayers with AdaPreLoRA; the backward passes in `skipped` are followed by
+    zero_grad without a step, as after a step the fp16 scaler skipped."""
     model = TwoLayers()
-    optimizer = torch.optim.AdamW(model.lora_parameters(), lr=1e-2)
-    settings = PreconditionerSettings(method="adaprelora", sketch_size=4)
-    preconditioner = LoRAPreconditioner(_pairs(model), settings)
+    optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
+    preconditioner = LoRAPreconditioner(model.adapters, settings)
     preconditioner.attach(optimizer)
-    model(*_inputs()).backward()
-    optimizer.step()
-    preconditioner.zero_()
-    state = preconditioner.state_dict()
-    assert state["applied_steps"] == 1 and state["rows"][0].abs().sum() > 0
-    fresh = LoRAPreconditioner(_pairs(TwoLayers()), settings)
-    fresh.load_state_dict(state)
-    assert fresh.statistics is not None and fresh.statistics.cycle == 1
-    torch.testing.assert_close(fresh.moments[0].rows, preconditioner.moments[0].rows)
-    other = LoRAPreconditioner(_pairs(TwoLayers()), PreconditionerSettings())
+    for step in range(steps):
+        model(*_inputs(seed=step)).backward()
+        if step not in skipped:
+            optimizer.step()
+        optimizer.zero_grad()
+    return model, preconditioner
+
+
+ADAPRELORA = Settings(method="adaprelora", probes=4, beta2=0.9)
+
+
+def test_adaprelora_state_round_trips_and_a_resumed_run_continues_exactly() -> None:
+    """Moments and the step count (which seeds the probes) travel in the state: a fresh
+    preconditioner loaded from it continues as the original does, bit for bit."""
+    settings = replace(ADAPRELORA, statistics_every=2)
+    straight, _ = _statistics_run(settings, 5)
+    model, stopped = _statistics_run(settings, 3)
+    state = stopped.state_dict()
+    assert state["applied_steps"] == 3 and state["statistics_updates"] == 2
+    assert state["rows"][0].abs().sum() > 0
+    resumed = TwoLayers()
+    resumed.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(resumed.lora_parameters(), lr=1e-2)
+    preconditioner = LoRAPreconditioner(resumed.adapters, settings)
+    preconditioner.load_state_dict(state)
+    preconditioner.attach(optimizer)
+    for step in (3, 4):
+        resumed(*_inputs(seed=step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for mine, theirs in zip(resumed.lora_parameters(), straight.lora_parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    other = LoRAPreconditioner(TwoLayers().adapters, Settings())
     with pytest.raises(ValueError, match="adaprelora"):
         other.load_state_dict(state)
 
 
-def test_adaprelora_refreshes_its_statistics_every_n_steps() -> None:
+def test_adaprelora_takes_statistics_every_n_steps() -> None:
     """With `statistics_every=3` the taps sketch only steps 0, 3, 6; the moments take those with
     Adafactor's decay over three steps and stay put in between."""
     model = TwoLayers()
     optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
-    settings = PreconditionerSettings(
-        method="adaprelora", sketch_size=4, beta2=0.9, statistics_every=3
-    )
-    preconditioner = LoRAPreconditioner(_pairs(model), settings)
+    preconditioner = LoRAPreconditioner(model.adapters, replace(ADAPRELORA, statistics_every=3))
     preconditioner.attach(optimizer)
-    statistics = preconditioner.statistics
-    assert statistics is not None
+    statistics = [group.statistics for group in preconditioner.groups]
     for step in range(7):
         model(*_inputs(seed=step)).backward()
-        sketched = [bool(rows.abs().sum() > 0) for rows, _ in statistics.sketches]
+        sketched = [bool(group.sketch_rows.abs().sum() > 0) for group in statistics]
         assert sketched == [step % 3 == 0] * len(sketched)  # the taps skip the other steps
-        energy = statistics.energies(0)[0].clone()
-        before = preconditioner.moments[0].rows.clone()
+        energy = statistics[0].energies()[0].clone()
+        before = statistics[0].moment_rows.clone()
         optimizer.step()
-        after = preconditioner.moments[0].rows
+        after = statistics[0].moment_rows
         if step % 3 == 0:
             torch.testing.assert_close(after, 0.9**3 * before + (1 - 0.9**3) * (energy + 1e-30))
+            assert all(group.sketch_rows.abs().sum() == 0 for group in statistics)  # emptied
         else:
             assert torch.equal(after, before)
-        optimizer.zero_grad(set_to_none=False)
-        preconditioner.zero_()
+        optimizer.zero_grad()
     assert preconditioner.statistics_updates == 3
     assert all(torch.isfinite(p).all() for p in model.lora_parameters())
 
 
-def test_adaprelora_weights_are_overwritten_in_place_by_updates_and_resume() -> None:
-    """The pass, and so a CUDA graph recorded from it, reads each group's Adafactor weights from
-    buffers that statistics updates and a resume overwrite and never replace; they always hold
-    the weights of the bias-corrected moments, also when a run resumes a backup taken after as
-    many statistics updates as it has made itself."""
-    settings = PreconditionerSettings(
-        method="adaprelora", sketch_size=4, beta2=0.9, statistics_every=2
-    )
-
-    def pointers(preconditioner: LoRAPreconditioner) -> list[tuple[int, int]]:
-        return [(w.left.data_ptr(), w.right.data_ptr()) for w in preconditioner.weights]
-
-    def train(seed: int) -> LoRAPreconditioner:
-        model = TwoLayers(seed=seed)
-        optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
-        preconditioner = LoRAPreconditioner(_pairs(model), settings)
-        preconditioner.attach(optimizer)
-        buffers = pointers(preconditioner)
-        for step in range(5):
-            model(*_inputs(seed=seed * 10 + step)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
-            preconditioner.zero_()
-            assert pointers(preconditioner) == buffers
-            correction = 1 - 0.9 ** (2 * preconditioner.statistics_updates)
-            layers = zip(preconditioner.weights, preconditioner.moments, strict=True)
-            for weights, moments in layers:
-                expected = AdafactorWeights.from_moments(
-                    moments.rows / correction, moments.cols / correction
-                )
-                torch.testing.assert_close(weights.left, expected.left)
-                torch.testing.assert_close(weights.right, expected.right)
-        assert preconditioner.statistics_updates == 3
-        return preconditioner
-
-    original, resumed = train(seed=0), train(seed=1)
-    assert not torch.allclose(original.weights[0].left, resumed.weights[0].left)
-    buffers = pointers(resumed)
-    resumed.load_state_dict(original.state_dict())
-    resumed.adafactor_weights()  # what its next step does first
-    assert pointers(resumed) == buffers
-    for mine, theirs in zip(resumed.weights, original.weights, strict=True):
-        assert torch.equal(mine.left, theirs.left) and torch.equal(mine.right, theirs.right)
+def test_adaprelora_drops_the_sketches_of_a_step_that_was_not_taken() -> None:
+    """A backward pass whose step was not taken (the fp16 scaler skipped it; here: zero_grad
+    without a step) leaves sketches behind; the next step's statistics are those of its own
+    backward pass alone, as in a run that never saw the skipped batch."""
+    model, preconditioner = _statistics_run(ADAPRELORA, 3, skipped=(1,))
+    reference = TwoLayers()
+    optimizer = torch.optim.SGD(reference.lora_parameters(), lr=1e-2)
+    clean = LoRAPreconditioner(reference.adapters, ADAPRELORA)
+    clean.attach(optimizer)
+    for step in (0, 2):
+        reference(*_inputs(seed=step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert preconditioner.applied_steps == clean.applied_steps == 2
+    for mine, theirs in zip(preconditioner.groups, clean.groups, strict=True):
+        torch.testing.assert_close(mine.statistics.moment_rows, theirs.statistics.moment_rows)
+        torch.testing.assert_close(mine.statistics.moment_cols, theirs.statistics.moment_cols)
+    for mine, theirs in zip(model.lora_parameters(), reference.lora_parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
-def test_adaprelora_before_its_first_statistics_uses_unit_weights() -> None:
-    """A first applied step between two statistics steps (the fp16 scaler skipped step 0) has no
-    moments yet: unit Adafactor weights, finite directions."""
+def test_coverage_names_what_is_left_out_and_finds_pairs_by_adapter_not_names() -> None:
     model = TwoLayers()
-    optimizer = torch.optim.SGD(model.lora_parameters(), lr=1e-2)
-    settings = PreconditionerSettings(method="adaprelora", statistics_every=2)
-    preconditioner = LoRAPreconditioner(_pairs(model), settings)
-    preconditioner.attach(optimizer)
-    preconditioner.zero_()  # what the trainer does after a skipped step: cycle 1 is not sketched
-    model(*_inputs()).backward()
-    optimizer.step()
-    assert preconditioner.statistics_updates == 0
-    assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for p in model.lora_parameters())
-
-
-def test_coverage_names_what_is_left_out_and_finds_pairs_by_links_not_names() -> None:
-    model = TwoLayers()
-    model.magnitude = nn.Parameter(torch.ones(6))  # like a DoRA magnitude: trainable, unpaired
-    renamed = dict(model.named_parameters())
-    coverage = find_coverage(
-        ((f"tensor{i}", p) for i, p in enumerate(renamed.values())),  # names carry no hint
-        modules=model.modules(),
-        part_of={"first": "unet", "second": "unet", "conv": "unet"},
-        needs_layer=True,
-    )
-    assert len(coverage.pairs) == 3
-    assert [reason for _, reason in coverage.left_out] == [
-        "not a linked LoRA factor, e.g. a DoRA magnitude, an embedding or a LoHa factor"
+    network = _network(model)
+    network.magnitude = nn.Parameter(torch.ones(6))  # like a DoRA magnitude: trainable, unpaired
+    model.adapters[1].lora_up.weight.requires_grad_(False)  # its partner, A, stays trainable
+    coverage = find_coverage(network)
+    assert [adapter.name for adapter in coverage.adapters] == ["first", "conv"]
+    assert sorted(coverage.left_out) == [
+        ("adapters.second.lora_down.weight", "a LoRA factor whose partner is frozen"),
+        (
+            "magnitude",
+            "not a LoRA factor pair, e.g. a DoRA magnitude, an embedding or a LoHa factor",
+        ),
     ]
     summary = coverage.summary("adaprelora")
-    assert "3 LoRA layers (unet: 3 layers at rank 2)" in summary
-    assert "NOT preconditioned: 1 tensors" in summary
+    assert "2 LoRA layers (unet: 2 layers at rank 2)" in summary
+    assert "NOT preconditioned: 2 tensors" in summary
 
 
 def test_switching_it_on_with_nothing_to_serve_is_a_user_error() -> None:
-    from accelerate import Accelerator
-
     from modules.config.schema import TrainConfig
     from modules.errors import UserError
-    from modules.lora.network import LoRANetwork
     from modules.training.preconditioning import attach_preconditioner
 
     model = TwoLayers()
-    adapters = list(model.adapters)
-    for adapter in adapters:  # adapters of a kind the preconditioner does not know (unlinked)
-        for param in adapter.parameters():
-            del param._lora_role, param._lora_pair
-    network = LoRANetwork(
-        adapters,
-        part_of={a.name: "unet" for a in adapters},
-        module_path={a.name: a.name for a in adapters},
-        export_path={a.name: a.name for a in adapters},
-    )
+    for adapter in model.adapters:  # only the down factors train
+        adapter.lora_up.weight.requires_grad_(False)
+    network = _network(model)
     config = TrainConfig.model_validate(
         {"model": {"base_model": "x"}, "lora": {"preconditioner": "riemannian"}}
     )
-    optimizer = torch.optim.AdamW(network.parameters())
-    with pytest.raises(UserError, match="no trainable tensor is a linked LoRA"):
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad])
+    with pytest.raises(UserError, match="no LoRA layer has both factors trainable"):
         attach_preconditioner(
             config=config, network=network, optimizer=optimizer, accelerator=Accelerator()
         )

@@ -1,4 +1,4 @@
-"""Preconditioning and LoRA+ in real runs of the tiny SDXL model: CLI, resume, diffusers."""
+"""Preconditioning and LoRA+ in real runs of each family's tiny model: CLI, resume, diffusers."""
 
 from __future__ import annotations
 
@@ -8,16 +8,45 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
-from modules.lora.preconditioning.linalg import riemannian_directions
+from modules.lora.preconditioning.directions import riemannian_directions
 from modules.training.trainer import TrainingRun
-from tests.helpers import run_cli, straight_and_resumed, tiny_config
-from tests.test_lora_formats import load_in_diffusers, load_pipe, rel_err, unet_out
+from tests.flux_networks import transformer_out
+from tests.helpers import TinyModel, run_cli, straight_and_resumed, tiny_config
+from tests.test_lora_formats import (
+    load_in_diffusers,
+    load_pipe,
+    loader_complaints,
+    rel_err,
+    unet_out,
+)
 
 ADAPRELORA = {"preconditioner": "adaprelora"}
+# The layout each family's file is saved in for diffusers to load it whole (diffusers drops some
+# of Flux's layers in BFL's names at the tiny model's width; tests/test_flux_lora_files.py)
+DIFFUSERS_FORMAT = {"sdxl": "kohya", "flux": "diffusers"}
+
+
+def denoiser_outputs_in_diffusers(
+    tiny_model: TinyModel, lora: Path | None
+) -> tuple[torch.Tensor, list[str]]:
+    """The denoiser's output for fixed inputs in a diffusers pipeline of the tiny model, with
+    `lora` loaded by diffusers (none: the base model), and what diffusers complained about."""
+    if tiny_model.family == "flux":
+        pipe = FluxPipeline.from_pretrained(tiny_model.path)
+        if lora is None:
+            return transformer_out(pipe.transformer), []
+        with loader_complaints() as complaints:
+            pipe.load_lora_weights(str(lora))
+        return transformer_out(pipe.transformer), complaints
+    if lora is None:
+        return unet_out(load_pipe(tiny_model.path)), []
+    pipe, complaints = load_in_diffusers(tiny_model.path, lora)
+    return unet_out(pipe), complaints
 
 
 @pytest.mark.parametrize(
@@ -29,10 +58,9 @@ ADAPRELORA = {"preconditioner": "adaprelora"}
     ids=["riemannian", "adaprelora-checkpointing"],
 )
 def test_loss_falls_with_preconditioning(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path, lora: dict, training: dict
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path, lora: dict, training: dict
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"rank": 8, "alpha": 8, "layer_preset": "full", **lora},
@@ -43,26 +71,29 @@ def test_loss_falls_with_preconditioning(
     assert run.preconditioner is not None
     _, batch = run.dataset.load(0)
     losses = []
-    for _ in range(40):
+    for _ in range(60):  # as many as the plain run of test_training.py gets to halve its loss
         with run.pipeline.micro_batch():
             loss = run.model(batch, torch.Generator().manual_seed(0))
         run.pipeline.backward(loss)
         losses.append(run.pipeline.step().loss)
-    assert run.preconditioner.applied_steps == 40
+    assert run.preconditioner.applied_steps == 60
     assert all(math.isfinite(x) for x in losses)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses
 
 
 def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    """Every part that can be trained is trained and preconditioned; the saved file loads in
+    diffusers and changes what the denoiser computes."""
+    raw = tiny_model.config(tiny_dataset_path, tmp_path)
+    parts = [spec.name for spec in load_config(raw=raw).model.part_specs() if spec.trainable]
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"preconditioner": "riemannian", "layer_preset": "full"},
-        model={"text_encoder": {"train": True}, "text_encoder_2": {"train": True}},
-        output={"save_dtype": "float32"},
+        model={part: {"train": True} for part in parts},
+        output={"save_dtype": "float32", "format": DIFFUSERS_FORMAT[tiny_model.family]},
     )
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(raw), encoding="utf-8")
@@ -71,22 +102,25 @@ def test_cli_reports_coverage_and_the_lora_loads_in_diffusers(
     assert "torchvision" not in result.stderr  # transformers' import-time advice, not ours
     summary = next(line for line in result.stdout.splitlines() if "preconditioning on" in line)
     assert summary.startswith("riemannian preconditioning on ")
-    for part in ("unet", "text_encoder", "text_encoder_2"):
+    assert len(parts) > 1
+    for part in parts:
         assert f"{part}: " in summary
     assert "at rank 4" in summary
     assert "NOT preconditioned" not in summary
 
     lora_path = tmp_path / "test-lora.safetensors"
     weights = load_file(lora_path)
-    assert any(v.abs().max() > 0 for k, v in weights.items() if k.endswith("lora_up.weight"))
-    pipe, complaints = load_in_diffusers(tiny_sdxl_path, lora_path)
+    ups = [v for k, v in weights.items() if k.endswith(("lora_up.weight", "lora_B.weight"))]
+    assert ups and any(v.abs().max() > 0 for v in ups)
+    trained, complaints = denoiser_outputs_in_diffusers(tiny_model, lora_path)
     assert complaints == []
-    assert rel_err(unet_out(pipe), unet_out(load_pipe(tiny_sdxl_path))) > 1e-4  # it took effect
+    base, _ = denoiser_outputs_in_diffusers(tiny_model, None)
+    assert rel_err(trained, base) > 1e-4  # it took effect
 
 
 @pytest.mark.usefixtures("deterministic_kernels")
 def test_resume_is_exact_with_adaprelora_statistics(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     sections = {
         "lora": {"rank": 4, "alpha": 2, **ADAPRELORA, "adaprelora_probes": 4},
@@ -96,9 +130,7 @@ def test_resume_is_exact_with_adaprelora_statistics(
     }
 
     def make_config(workspace: Path) -> TrainConfig:
-        return load_config(
-            raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, workspace, **sections)
-        )
+        return load_config(raw=tiny_model.config(tiny_dataset_path, workspace, **sections))
 
     a, b = straight_and_resumed(make_config, tmp_path, stop_at=3)
     saved = torch.load(
@@ -106,6 +138,7 @@ def test_resume_is_exact_with_adaprelora_statistics(
     )
     assert saved["preconditioner"]["applied_steps"] == 3
     assert saved["preconditioner"]["rows"][0].abs().sum() > 0  # the Adafactor moments travel
+    assert a.keys() == b.keys()
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     assert worst < 1e-6
 
@@ -130,21 +163,32 @@ def test_resuming_a_plain_backup_with_preconditioning_is_a_clear_error(
     assert "Traceback" not in result.stderr
 
 
-def test_off_leaves_the_optimizer_without_hooks_and_the_factors_unpacked(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+@pytest.mark.parametrize("method", ["none", "adaprelora"])
+def test_training_sees_the_same_parameters_and_gradients_either_way(
+    method: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    run = TrainingRun(load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path)))
-    assert run.preconditioner is None
-    assert not run.optimizer.optimizer._optimizer_step_pre_hooks
-    pointers = [p.untyped_storage().data_ptr() for p in run.network.parameters()]
-    assert len(set(pointers)) == len(pointers)  # each factor owns its storage, as before
+    """Off, the optimizer has no hook; on or off, every factor and gradient owns its storage and
+    a step ends with the gradients set to None: nothing outside the package changes."""
+    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path, lora={"preconditioner": method})
+    run = TrainingRun(load_config(raw=raw))
+    assert (run.preconditioner is None) == (method == "none")
+    assert bool(run.optimizer.optimizer._optimizer_step_pre_hooks) == (method != "none")
+    _, batch = run.dataset.load(0)
+    with run.pipeline.micro_batch():
+        loss = run.model(batch, torch.Generator().manual_seed(0))
+    run.pipeline.backward(loss)
+    parameters = list(run.network.parameters())
+    tensors = [t for p in parameters for t in (p, p.grad)]
+    pointers = [t.untyped_storage().data_ptr() for t in tensors]
+    assert len(set(pointers)) == len(pointers) == 2 * len(parameters)
+    assert run.pipeline.step().applied
+    assert all(p.grad is None for p in parameters)
 
 
 def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"loraplus_ratio": 16, "preconditioner": "riemannian"},
@@ -153,24 +197,28 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_learning_rate(
         training={"max_steps": 2},
     )
     run = TrainingRun(load_config(raw=raw))
+    parts = run.network.parts()
+    assert len(parts) == 2 and "text_encoder" in parts
     groups = {g["name"]: g for g in run.optimizer.param_groups}
-    assert set(groups) == {"unet", "unet_up", "text_encoder", "text_encoder_up"}
-    assert groups["unet_up"]["lr"] == pytest.approx(16 * groups["unet"]["lr"])
-    assert groups["text_encoder_up"]["lr"] == pytest.approx(16 * 5e-4)
-    assert all(p._lora_role == "B" for p in groups["unet_up"]["params"])
-    assert all(p._lora_role == "A" for p in groups["unet"]["params"])
+    assert set(groups) == {*parts, *(f"{part}_up" for part in parts)}
+    for part in parts:
+        lr = 5e-4 if part == "text_encoder" else 1e-3
+        assert groups[part]["lr"] == pytest.approx(lr)
+        assert groups[f"{part}_up"]["lr"] == pytest.approx(16 * lr)
+        down, up = zip(*run.network.pairs(part), strict=True)
+        assert groups[f"{part}_up"]["params"] == list(up)
+        assert groups[part]["params"] == list(down)
     assert run.run().steps == 2
 
 
 def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     """Checkpointing recomputes each block's forward pass in the backward pass; the sketches
     taken in the LoRA products must still count every micro-batch exactly once."""
     moments = []
     for checkpointing in (False, True):
-        raw = tiny_config(
-            tiny_sdxl_path,
+        raw = tiny_model.config(
             tiny_dataset_path,
             tmp_path / str(checkpointing),
             lora={"rank": 4, "alpha": 4, **ADAPRELORA},
@@ -183,20 +231,24 @@ def test_adaprelora_statistics_are_the_same_with_gradient_checkpointing(
                 loss = run.model(batch, torch.Generator().manual_seed(position))
             run.pipeline.backward(loss)
         run.pipeline.step()
-        moments.append([m.rows.clone() for m in run.preconditioner.moments])
+        moments.append([g.statistics.moment_rows.clone() for g in run.preconditioner.groups])
     assert moments[0][0].abs().sum() > 0
     for plain, recomputed in zip(*moments, strict=True):
         torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "prodigy"])
+# every optimizer on SDXL; on Flux the default one (the hook does not depend on the family)
+@pytest.mark.parametrize(
+    ("tiny_model", "name"),
+    [*(("sdxl", name) for name in ("adamw", "sgd", "adafactor", "prodigy")), ("flux", "adamw")],
+    indirect=["tiny_model"],
+)
 def test_every_optimizer_steps_on_the_preconditioned_gradients(
-    name: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    name: str, tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     """With each optimizer the trainer offers (adamw_8bit needs CUDA), the gradients its step
     reads are the float64 Riemannian directions of the finished raw gradients, once a step."""
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"rank": 4, "alpha": 8, "preconditioner": "riemannian"},
@@ -209,27 +261,33 @@ def test_every_optimizer_steps_on_the_preconditioned_gradients(
     raw_grads, read_by_step = [], []
     precondition = preconditioner.precondition
 
+    def stacked(*, grads: bool) -> list[torch.Tensor]:
+        """(A, B) or their gradients, stacked over the group's layers."""
+        factors = zip(*group.pairs(), strict=True)
+        return [
+            torch.stack([(p.grad if grads else p).detach().flatten(1) for p in ps])
+            for ps in factors
+        ]
+
     def recording_precondition() -> None:
-        raw_grads.append(
-            [t.detach().clone() for t in (group.a, group.b, group.grad_a, group.grad_b)]
-        )
+        raw_grads.append([*stacked(grads=False), *stacked(grads=True)])
         precondition()
 
     preconditioner.precondition = recording_precondition  # what the pre-hook calls
     # registered after the preconditioner's hook, so it runs after it, just before the update
     run.optimizer.optimizer.register_step_pre_hook(
-        lambda *_: read_by_step.append((group.grad_a.clone(), group.grad_b.clone()))
+        lambda *_: read_by_step.append(stacked(grads=True))
     )
     run.run()
     assert preconditioner.applied_steps == 3 and len(read_by_step) == 3
-    assert group.b.abs().max() > 0  # B moved off zero at step 1: steps 2 and 3 test g_A too
+    assert stacked(grads=False)[1].abs().max() > 0  # B left zero at step 1: steps 2, 3 test g_A
     for (a, b, grad_a, grad_b), (read_a, read_b) in zip(raw_grads, read_by_step, strict=True):
         direction_a, direction_b = riemannian_directions(
             a=a.double(),
             b=b.double(),
             grad_a=grad_a.double(),
             grad_b=grad_b.double(),
-            scale=group.scale.double(),
+            scale=group.scale().double(),
             damping=preconditioner.settings.damping,
         )
         # float32 against float64, to the largest entry's precision (entries near zero lose

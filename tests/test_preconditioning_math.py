@@ -1,24 +1,22 @@
-"""Both preconditioners against explicit float64 linear algebra on small random matrices."""
+"""Both preconditioners against explicit float64 linear algebra on small random matrices, and the
+training pass (stacked float32 over real Parameters) against those float64 references."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import pytest
 import torch
+from torch import nn
 
-from modules.lora.preconditioning import adaprelora, linalg
-from modules.lora.preconditioning.adaprelora import (
+from modules.lora.preconditioning.directions import (
     AdafactorWeights,
-    adaprelora_directions,
-    adaprelora_precondition_,
-)
-from modules.lora.preconditioning.linalg import (
     Damping,
+    adaprelora_directions,
     damped_inverse,
     riemannian_directions,
-    riemannian_precondition_,
 )
+from modules.lora.preconditioning.preconditioner import precondition_pairs_
 
 EXACT = Damping(relative=0.0, absolute=0.0)
 
@@ -157,8 +155,7 @@ def test_scaled_gd_w_trajectory_is_invariant_to_rebalancing_the_factors(relative
     assert (plain_1[-1] - plain_c[-1]).abs().max() > 1e-2  # plain GD is not invariant
 
 
-@pytest.mark.parametrize("potri", [True, False], ids=["potri", "triangular-solve"])
-def test_failed_factorisation_and_zero_partner_fall_back_to_the_identity(potri: bool) -> None:
+def test_failed_factorisation_falls_back_to_the_identity() -> None:
     spd = torch.tensor([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]])
     indefinite_late = spd.clone()
     indefinite_late[2, 2] = -2.0  # the factorisation fails at the last pivot, after real work
@@ -172,18 +169,25 @@ def test_failed_factorisation_and_zero_partner_fall_back_to_the_identity(potri: 
             spd.clone().fill_diagonal_(float("inf")),
         ]
     )
-    inverse = damped_inverse(
-        grams, Damping(relative=0.0, absolute=0.0, identity_below=1e-6), potri=potri
-    )
+    inverse = damped_inverse(grams, Damping(relative=0.0, absolute=0.0))
     assert torch.isfinite(inverse).all()
     torch.testing.assert_close(inverse[0], torch.linalg.inv(spd))
     for failed in range(1, len(grams)):
         torch.testing.assert_close(inverse[failed], torch.eye(3))
-    # without the small-Gram fallback only the zero Gram changes: it factorises with lam > 0
-    inverse = damped_inverse(grams, Damping(relative=0.0, absolute=0.5), potri=potri)
+    # with damping the zero Gram factorises: lam I, inverted; the others still fail
+    inverse = damped_inverse(grams, Damping(relative=0.0, absolute=0.5))
     torch.testing.assert_close(inverse[2], torch.eye(3) * 2)
+    torch.testing.assert_close(inverse[0], torch.linalg.inv(spd + 0.5 * torch.eye(3)))
     for failed in (1, 3, 4, 5):
         torch.testing.assert_close(inverse[failed], torch.eye(3))
+
+
+def test_relative_damping_is_a_fraction_of_the_mean_eigenvalue() -> None:
+    gram = torch.diag(torch.tensor([4.0, 2.0], dtype=torch.float64))[None]
+    inverse = damped_inverse(gram, Damping(relative=0.5, absolute=0.25))
+    lam = 0.5 * 3.0 + 0.25  # mean eigenvalue 3
+    expected = torch.diag(torch.tensor([1 / (4 + lam), 1 / (2 + lam)], dtype=torch.float64))
+    torch.testing.assert_close(inverse[0], expected)
 
 
 def test_computes_in_float32_for_half_precision_inputs() -> None:
@@ -200,141 +204,135 @@ def test_computes_in_float32_for_half_precision_inputs() -> None:
     torch.testing.assert_close(da.double(), reference, rtol=1e-4, atol=1e-5)
 
 
-@dataclass
-class _Stacks:
-    a: torch.Tensor
-    b: torch.Tensor
-    grad_a: torch.Tensor
-    grad_b: torch.Tensor
-    scale: torch.Tensor
+# -- the training pass: stacked in the compute dtype, written back into each Parameter's .grad ----
 
 
-def _groups(dtype: torch.dtype, seed: int = 11) -> tuple[list[_Stacks], list[AdafactorWeights]]:
-    """Random groups: three of rank 2 (one batch), one of rank 3, and a Conv2d-shaped one
-    (n = in * kh * kw), with Adafactor weights from random moments."""
+def _pairs(
+    dtype: torch.dtype, seed: int = 11
+) -> list[tuple[list[tuple[nn.Parameter, nn.Parameter]], torch.Tensor, AdafactorWeights]]:
+    """Shape groups of Parameters with gradients, as the preconditioner stacks them: three of
+    rank 2, one of rank 3, and a Conv2d one (A: (r, in, 3, 3), B: (out, r, 1, 1)), with each
+    group's s and Adafactor weights from random moments."""
     gen = torch.Generator().manual_seed(seed)
-    groups, weights = [], []
-    for k, m, n, r in [
-        (3, 7, 5, 2),
-        (4, 9, 6, 2),
-        (1, 5, 4, 2),
-        (2, 8, 8, 3),
-        (2, 6, 4 * 3 * 3, 2),
+
+    def param(*shape: int) -> nn.Parameter:
+        weight = nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype))
+        weight.grad = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        return weight
+
+    groups = []
+    for k, a_shape, b_shape in [
+        (3, (2, 5), (7, 2)),
+        (4, (2, 6), (9, 2)),
+        (1, (2, 4), (5, 2)),
+        (2, (3, 8), (8, 3)),
+        (2, (2, 4, 3, 3), (6, 2, 1, 1)),
     ]:
-
-        def rand(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-        stacks = _Stacks(rand(k, r, n), rand(k, m, r), rand(k, r, n), rand(k, m, r), rand(k).abs())
-        for name in ("a", "b", "grad_a", "grad_b"):
-            setattr(stacks, name, getattr(stacks, name).to(dtype))
-        groups.append(stacks)
-        rows = torch.rand(k, m, generator=gen) + 0.1
-        weights.append(AdafactorWeights.from_moments(rows, torch.rand(k, n, generator=gen) + 0.1))
-    return groups, weights
+        pairs = [(param(*a_shape), param(*b_shape)) for _ in range(k)]
+        scale = torch.rand(k, generator=gen) + 0.5
+        m, n = b_shape[0], math.prod(a_shape[1:])
+        rows, cols = torch.rand(k, m, generator=gen) + 0.1, torch.rand(k, n, generator=gen) + 0.1
+        groups.append((pairs, scale, AdafactorWeights.from_moments(rows, cols)))
+    return groups
 
 
-def _references(
-    groups: list[_Stacks], weights: list[AdafactorWeights], damping: Damping
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [
-        adaprelora_directions(
-            a=g.a.double(),
-            b=g.b.double(),
-            grad_a=g.grad_a.double(),
-            grad_b=g.grad_b.double(),
-            scale=g.scale,
-            weights=w,
-            damping=damping,
-        )
-        for g, w in zip(groups, weights, strict=True)
-    ]
+def _expected(
+    pairs: list[tuple[nn.Parameter, nn.Parameter]],
+    scale: torch.Tensor,
+    weights: AdafactorWeights | None,
+    damping: Damping,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference in float64 from the same (possibly rounded) values."""
+
+    def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([t.detach().double().flatten(1) for t in tensors])
+
+    inputs = {
+        "a": stack([a for a, _ in pairs]),
+        "b": stack([b for _, b in pairs]),
+        "grad_a": stack([a.grad for a, _ in pairs]),
+        "grad_b": stack([b.grad for _, b in pairs]),
+        "scale": scale.double(),
+        "damping": damping,
+    }
+    if weights is None:
+        return riemannian_directions(**inputs)
+    return adaprelora_directions(**inputs, weights=weights)
 
 
-@pytest.fixture(params=[None, 40], ids=["whole-groups", "chunks"])
-def chunks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-place passes on whole groups, and in chunks of a few layers (AdaPreLoRA's: 40
-    entries; the Riemannian pass's: 160), several per group, with scratch buffers that grow
-    from group to group."""
-    if request.param is not None:
-        monkeypatch.setattr(linalg, "CPU_CHUNK_ELEMENTS", request.param * adaprelora.CHUNK_DIVISOR)
-
-
-@pytest.fixture(params=[None, 4], ids=["whole-grams", "pieced-grams"])
-def gram_pieces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Grams in one product per layer (the CPU's way), and as sums of partial Grams over
-    pieces of the inner dimension (a GPU's way; pieces of 4, or 2 where 4 does not divide)."""
-    monkeypatch.setattr(linalg, "gram_piece", lambda device: request.param)
-
-
-@pytest.mark.usefixtures("chunks", "gram_pieces")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_riemannian_in_place_pass_equals_the_reference(dtype: torch.dtype) -> None:
-    groups, _ = _groups(dtype)
-    groups[0].b[1] = 0.0  # B = 0: S_B's factorisation fails undamped; its g_A passes through
-    for damping in (EXACT, Damping()):
-        expected = [
-            riemannian_directions(
-                a=g.a.double(),
-                b=g.b.double(),
-                grad_a=g.grad_a.double(),
-                grad_b=g.grad_b.double(),
-                scale=g.scale,
-                damping=damping,
+def _assert_pass_equals_reference(
+    dtype: torch.dtype, method: str, damping: Damping, tolerance: dict, break_layers=None
+) -> list:
+    groups = _pairs(dtype)
+    if break_layers is not None:
+        break_layers(groups)
+    expected = []
+    for pairs, scale, weights in groups:
+        chosen = weights if method == "adaprelora" else None
+        expected.append(_expected(pairs, scale, chosen, damping))
+        precondition_pairs_(pairs, scale, damping=damping, weights=chosen)
+    for (pairs, _, _), (direction_a, direction_b) in zip(groups, expected, strict=True):
+        for (a, b), want_a, want_b in zip(pairs, direction_a, direction_b, strict=True):
+            assert a.grad.dtype == dtype and a.grad.shape == a.shape
+            torch.testing.assert_close(
+                a.grad.double().flatten(1), want_a, equal_nan=True, **tolerance
             )
-            for g in groups
-        ]
-        saved = [(g.grad_a.clone(), g.grad_b.clone()) for g in groups]
-        riemannian_precondition_(groups, damping)
-        # float64: the same algebra; bf16: float32 algebra, then one rounding to bf16
-        tolerance = {"rtol": 1e-10, "atol": 1e-12}
-        if dtype == torch.bfloat16:
-            tolerance = {"rtol": 4e-3, "atol": 1e-6}
-        for group, (da, db) in zip(groups, expected, strict=True):
-            assert group.grad_a.dtype == dtype and group.grad_b.dtype == dtype
-            torch.testing.assert_close(group.grad_a.double(), da, **tolerance)
-            torch.testing.assert_close(group.grad_b.double(), db, **tolerance)
-        for group, (grad_a, grad_b) in zip(groups, saved, strict=True):
-            group.grad_a.copy_(grad_a)
-            group.grad_b.copy_(grad_b)
+            torch.testing.assert_close(
+                b.grad.double().flatten(1), want_b, equal_nan=True, **tolerance
+            )
+    return groups
 
 
-@pytest.mark.usefixtures("chunks")
-def test_adaprelora_in_place_pass_equals_the_reference() -> None:
-    groups, weights = _groups(torch.float64)
-    # layer 1 of group 0: B = 0, so S_B is singular and (undamped) its Cholesky fails;
-    # layer 0 of group 1: a NaN weight (its rows of dB are NaN in both, nothing else is)
-    groups[0].b[1] = 0.0
-    weights[1].left[0, 2] = float("nan")
-    damping = Damping(relative=0.0, absolute=0.0)
-    expected = _references(groups, weights, damping)
-    adaprelora_precondition_(groups, weights, damping)
-    for group, (da, db) in zip(groups, expected, strict=True):
-        torch.testing.assert_close(group.grad_a, da, rtol=1e-10, atol=1e-12, equal_nan=True)
-        torch.testing.assert_close(group.grad_b, db, rtol=1e-10, atol=1e-12, equal_nan=True)
-    assert torch.isnan(groups[1].grad_b[0, 2]).all() and torch.isfinite(groups[1].grad_a).all()
-    assert torch.isfinite(groups[0].grad_a).all() and torch.isfinite(groups[0].grad_b).all()
+EXACT_TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
+# float32 algebra, then one rounding to bf16 (relative error at most 2^-9)
+BF16_TOLERANCE = {"rtol": 4e-3, "atol": 1e-6}
 
 
-def test_adaprelora_in_place_pass_with_damping_and_identity_fallback() -> None:
-    groups, weights = _groups(torch.float64, seed=12)
-    groups[2].a.mul_(1e-6)  # A's Gram below identity_below: g_B keeps L^-1 g_B's shape
-    damping = Damping(relative=0.05, absolute=1e-4, identity_below=1e-3)
-    expected = _references(groups, weights, damping)
-    adaprelora_precondition_(groups, weights, damping)
-    for group, (da, db) in zip(groups, expected, strict=True):
-        torch.testing.assert_close(group.grad_a, da, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(group.grad_b, db, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("method", ["riemannian", "adaprelora"])
+@pytest.mark.parametrize("damping", [EXACT, Damping()], ids=["undamped", "default-damping"])
+def test_the_pass_equals_the_float64_reference(method: str, damping: Damping) -> None:
+    def zero_b(groups: list) -> None:  # B = 0: S_B is singular; undamped, its Cholesky fails
+        with torch.no_grad():
+            groups[0][0][1][1].zero_()
+
+    groups = _assert_pass_equals_reference(
+        torch.float64, method, damping, EXACT_TOLERANCE, break_layers=zero_b
+    )
+    for pairs, _, _ in groups:
+        assert all(torch.isfinite(p.grad).all() for pair in pairs for p in pair)
 
 
-@pytest.mark.usefixtures("chunks")
-def test_adaprelora_in_place_pass_on_bf16_computes_in_float32() -> None:
-    groups, weights = _groups(torch.bfloat16)
-    damping = Damping()
-    expected = _references(groups, weights, damping)  # float64 from the same bf16 values
-    adaprelora_precondition_(groups, weights, damping)
-    for group, (da, db) in zip(groups, expected, strict=True):
-        assert group.grad_a.dtype == torch.bfloat16 and group.grad_b.dtype == torch.bfloat16
-        # float32 algebra, then one rounding to bf16 (relative error at most 2^-9)
-        torch.testing.assert_close(group.grad_a.double(), da, rtol=4e-3, atol=1e-6)
-        torch.testing.assert_close(group.grad_b.double(), db, rtol=4e-3, atol=1e-6)
+@pytest.mark.parametrize("method", ["riemannian", "adaprelora"])
+def test_the_pass_on_bf16_factors_computes_in_float32(method: str) -> None:
+    _assert_pass_equals_reference(torch.bfloat16, method, Damping(), BF16_TOLERANCE)
+
+
+def test_a_nan_weight_spoils_only_its_own_rows() -> None:
+    """A NaN Adafactor weight of one row makes S_B non-finite (identity instead): that layer's
+    rows of dB are NaN, as in the reference, and nothing else is."""
+
+    def nan_weight(groups: list) -> None:
+        groups[1][2].left[0, 2] = float("nan")
+
+    groups = _assert_pass_equals_reference(
+        torch.float64, "adaprelora", EXACT, EXACT_TOLERANCE, break_layers=nan_weight
+    )
+    a, b = groups[1][0][0]
+    assert torch.isnan(b.grad[2]).all() and torch.isfinite(a.grad).all()
+    assert torch.isfinite(b.grad[[0, 1, 3, 4, 5, 6, 7, 8]]).all()
+    others = [p for pairs, _, _ in groups for pair in pairs for p in pair]
+    assert sum(not torch.isfinite(p.grad).all() for p in others) == 1
+
+
+def test_a_missing_gradient_counts_as_zero_and_stays_missing() -> None:
+    (pairs, scale, _), *_ = _pairs(torch.float64)
+    missing = pairs[1][1]  # B of layer 1 took no gradient this step
+    missing.grad = torch.zeros_like(missing)
+    expected_a, expected_b = _expected(pairs, scale, None, Damping())
+    missing.grad = None
+    precondition_pairs_(pairs, scale, damping=Damping())
+    assert missing.grad is None
+    for (a, b), want_a, want_b in zip(pairs, expected_a, expected_b, strict=True):
+        torch.testing.assert_close(a.grad.flatten(1), want_a, **EXACT_TOLERANCE)
+        if b is not missing:
+            torch.testing.assert_close(b.grad.flatten(1), want_b, **EXACT_TOLERANCE)

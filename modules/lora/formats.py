@@ -197,7 +197,7 @@ def copy_into(network: LoRANetwork, weights: Mapping[str, AdapterWeights], path:
 
     Every check runs before anything is copied, so a bad file leaves the network untouched.
     Copying goes through `load_state_dict`, which keeps the Parameter objects (optimizer state,
-    hooks) and re-links the `_lora_pair` cross-links.
+    hooks) and sets each adapter's scale from the file's alpha.
     """
     state: dict[str, torch.Tensor] = {}
     for name, file_weights in weights.items():
@@ -226,8 +226,6 @@ def copy_into(network: LoRANetwork, weights: Mapping[str, AdapterWeights], path:
     ] + list(unexpected)
     if leftover:  # decoding covers the named adapters exactly; this guards against drift
         raise RuntimeError(f"internal LoRA key mismatch: {leftover[:3]}")
-    for adapter in network.adapters.values():
-        adapter.link_factors()
 
 
 def load_lora_into(network: LoRANetwork, path: str | Path) -> str:

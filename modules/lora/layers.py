@@ -2,30 +2,18 @@
 
 Each adapter adds `scale * lora_up(dropout(lora_down(x)))` to its base layer's output through a
 forward hook, so the base model keeps its own module tree (diffusers pipelines, `save_pretrained` and
-gradient checkpointing see the model they expect). The two factor weights are cross-linked at init:
-`lora_down.weight._lora_pair is lora_up.weight` and back, with `_lora_role` "A" (down) or "B" (up),
-so the gradient preconditioner can pair them without parsing parameter names.
+gradient checkpointing see the model they expect). The adapter links its two factors: `factors` is
+the (A, B) pair that the gradient preconditioner and LoRA+ treat as one layer, found without
+parsing parameter names and without attributes on the Parameters.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from typing import Protocol
 
 import torch
 from torch import nn
-
-LORA_ROLE_A = "A"
-LORA_ROLE_B = "B"
-
-
-class DeltaSketch(Protocol):
-    """Computes an adapter's delta in its place while taking gradient statistics (AdaPreLoRA)."""
-
-    def applies(self, x: torch.Tensor) -> bool: ...
-
-    def delta(self, adapter: LoRAModule, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class LoRAModule(nn.Module, abc.ABC):
@@ -55,10 +43,7 @@ class LoRAModule(nn.Module, abc.ABC):
         # read on every forward: a Python float, so a CUDA buffer is never synced to the host
         self._scale = float(alpha) / rank
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self.delta_sketch: DeltaSketch | None = None  # set by AdaPreLoRA's statistics
-        self.link_factors()
-        # after the children have loaded (assign=True replaces their Parameter objects)
-        self.register_load_state_dict_post_hook(LoRAModule._relink_after_load)
+        self.register_load_state_dict_post_hook(LoRAModule._scale_after_load)
 
     @property
     def base(self) -> nn.Module:
@@ -68,31 +53,19 @@ class LoRAModule(nn.Module, abc.ABC):
     def scale(self) -> float:
         return self._scale
 
+    @property
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A, B) = (lora_down.weight, lora_up.weight), read when needed: loading with
+        `assign=True` or converting with swap_tensors may replace the Parameter objects."""
+        return self.lora_down.weight, self.lora_up.weight
+
     @abc.abstractmethod
     def _make_factors(self, base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
         """Return (lora_down, lora_up) sized for `base`."""
 
-    def link_factors(self) -> None:
-        """(Re)establish the A <-> B cross-links; called after anything that may swap tensors."""
-        down, up = self.lora_down.weight, self.lora_up.weight
-        down._lora_pair, down._lora_role = up, LORA_ROLE_A
-        up._lora_pair, up._lora_role = down, LORA_ROLE_B
-
-    def _apply(self, fn, recurse: bool = True):
-        # `.to()`, `.half()` and friends may replace Parameter objects (swap_tensors mode).
-        result = super()._apply(fn, recurse)
-        self.link_factors()
-        return result
-
     @staticmethod
-    def _relink_after_load(module: LoRAModule, incompatible_keys: object) -> None:
-        module.link_factors()
+    def _scale_after_load(module: LoRAModule, incompatible_keys: object) -> None:
         module._scale = float(module.alpha) / module.rank  # a loaded file brings its own alpha
-
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy and pickling rebuild Parameters without their Python attributes
-        super().__setstate__(state)
-        self.link_factors()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input `x`, in the dtype of `x`."""
@@ -111,13 +84,10 @@ class LoRAModule(nn.Module, abc.ABC):
             self._hook = None
 
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        sketch = self.delta_sketch
-        delta = sketch.delta(self, x) if sketch is not None and sketch.applies(x) else self.delta(x)
         # in the base layer's output dtype, as PEFT returns it: under autocast a norm hands its
         # layer a float32 input, and a float32 sum would make every later activation (and what
         # autograd keeps of it) float32, twice the memory of bfloat16
-        return (output + delta).to(output.dtype)
+        return (output + self.delta(args[0])).to(output.dtype)
 
     def merged_delta_weight(self) -> torch.Tensor:
         """`s * B A` shaped like the base weight (used to check files against other tools)."""
@@ -165,12 +135,3 @@ def lora_for(base: nn.Module, *, name: str, rank: int, alpha: float, dropout: fl
     else:
         raise UnsupportedLayerError(f"{name}: {type(base).__name__} is not Linear or Conv2d")
     return cls(base=base, name=name, rank=rank, alpha=alpha, dropout=dropout)
-
-
-def lora_pairs(parameters) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """(A, B) pairs found through the `_lora_pair` links among `parameters`."""
-    return [
-        (p, p._lora_pair)
-        for p in parameters
-        if getattr(p, "_lora_role", None) == LORA_ROLE_A and hasattr(p, "_lora_pair")
-    ]

@@ -181,6 +181,14 @@ class LoRANetwork(nn.Module):
     def parts(self) -> list[str]:
         return sorted(set(self.part_of.values()))
 
+    def pairs(self, part: str | None = None) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Each adapter's (A, B) factor weights (of one part), in adapter order."""
+        return [
+            adapter.factors
+            for name, adapter in self.adapters.items()
+            if part is None or self.part_of[name] == part
+        ]
+
     def parameters_of(self, part: str) -> list[nn.Parameter]:
         return [
             p

@@ -97,8 +97,7 @@ def write_backup(
     target = root / f"{BACKUP_PREFIX}{state.progress.step:06d}"
     tmp = temp_dir(root)
     try:
-        # clone: packed LoRA factors are views of one stack, which safetensors refuses to share
-        weights = {k: v.detach().cpu().clone() for k, v in state.network.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in state.network.state_dict().items()}
         training_state = {
             "progress": asdict(state.progress),
             "scheduler": state.scheduler.state_dict(),

@@ -1,15 +1,15 @@
 """The one place that turns accumulated gradients into a parameter update.
 
 Order, fixed here and nowhere else: accumulate micro-batches (with DDP all-reduce on the last one),
-unscale (fp16), clip the raw gradients, the optimizer's step pre-hooks (where the LoRA
-preconditioner registers), optimizer step, scheduler step, zero grads.
+unscale (fp16), clip the raw gradients, the optimizer's step (with its pre-hooks), scheduler step,
+zero grads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +36,7 @@ class GradientPipeline:
         parameters: list[nn.Parameter],
         accumulation_steps: int,
         max_grad_norm: float,
-        on_zero_grad: Sequence[Callable[[], None]] = (),
     ) -> None:
-        """`on_zero_grad`: resets for gradient-like state kept outside `.grad` (AdaPreLoRA's
-        sketches), run whenever the gradients are zeroed, including after a skipped step."""
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -47,7 +44,6 @@ class GradientPipeline:
         self.parameters = parameters
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
-        self.on_zero_grad = list(on_zero_grad)
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._micro = 0
 
@@ -88,11 +84,7 @@ class GradientPipeline:
             applied = not getattr(self.optimizer, "step_was_skipped", False)
             if applied:
                 self.scheduler.step()
-        # zeroed in place, not set to None: the same values (0 + g == g), and the preconditioner's
-        # packed gradient stacks stay where autograd accumulates
-        self.optimizer.zero_grad(set_to_none=False)
-        for reset in self.on_zero_grad:
-            reset()
+        self.optimizer.zero_grad()
         self._loss_sum.zero_()
         self._micro = 0
         return StepOutcome(loss=loss_value, grad_norm=norm_value, applied=applied, finite=finite)

@@ -10,22 +10,20 @@ from accelerate import Accelerator
 from modules.config.schema import TrainConfig
 from modules.errors import UserError
 from modules.lora.network import LoRANetwork
-from modules.lora.preconditioning.coverage import find_coverage
-from modules.lora.preconditioning.linalg import Damping
-from modules.lora.preconditioning.preconditioner import LoRAPreconditioner, PreconditionerSettings
+from modules.lora.preconditioning import Damping, LoRAPreconditioner, Settings, find_coverage
 
 log = logging.getLogger(__name__)
 
 
-def settings_from(config: TrainConfig) -> PreconditionerSettings:
+def settings_from(config: TrainConfig) -> Settings:
     lora = config.lora
-    return PreconditionerSettings(
+    return Settings(
         method=lora.preconditioner,
         damping=Damping(
             relative=lora.precondition_damping, absolute=lora.precondition_damping_floor
         ),
         beta2=lora.adaprelora_beta2,
-        sketch_size=lora.adaprelora_probes,
+        probes=lora.adaprelora_probes,
         statistics_every=lora.adaprelora_statistics_every,
         seed=config.training.seed,
     )
@@ -40,22 +38,19 @@ def attach_preconditioner(
 ) -> LoRAPreconditioner | None:
     """The preconditioner hooked before `optimizer.step()`, or None when the config has it off.
 
-    Prints which layers it serves; a warning names trainable tensors it leaves alone, and an error
-    stops the run when it would serve nothing at all.
+    `optimizer` is the torch optimizer itself, not accelerate's wrapper: the wrapper's step runs
+    even when the fp16 scaler then skips the update. Prints which layers it serves; a warning
+    names trainable tensors it leaves alone, and an error stops the run when it would serve
+    nothing at all.
     """
     if config.lora.preconditioner == "none":
         return None
     settings = settings_from(config)
-    coverage = find_coverage(
-        network.named_parameters(),
-        modules=network.modules(),
-        part_of=network.part_of,
-        needs_layer=settings.method == "adaprelora",
-    )
-    if not coverage.pairs:
+    coverage = find_coverage(network)
+    if not coverage.adapters:
         raise UserError(
-            f"lora.preconditioner is {config.lora.preconditioner!r} but no trainable tensor is a "
-            f"linked LoRA (A, B) pair ({len(coverage.left_out)} left out); set it to 'none' for "
+            f"lora.preconditioner is {config.lora.preconditioner!r} but no LoRA layer has both "
+            f"factors trainable ({len(coverage.left_out)} tensors left out); set it to 'none' for "
             "these adapters"
         )
     summary = coverage.summary(settings.method)
@@ -64,11 +59,12 @@ def attach_preconditioner(
     if coverage.left_out:
         log.warning(summary)
     scaler = accelerator.scaler
+    one = torch.ones((), device=accelerator.device)
     preconditioner = LoRAPreconditioner(
-        coverage.pairs,
+        coverage.adapters,
         settings,
-        # the tensor, not get_scale(): reading it on the host would stall the GPU every step
-        loss_scale=(lambda: scaler._get_scale_async()) if scaler is not None else lambda: None,
+        # GradScaler.scale(1) is the scale as a tensor: get_scale() would wait for the GPU
+        loss_scale=(lambda: scaler.scale(one)) if scaler is not None else lambda: None,
     )
     preconditioner.attach(optimizer)
     return preconditioner

@@ -26,7 +26,6 @@ from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
 from modules.lora.formats import build_metadata, network_dim, save_lora
 from modules.lora.init_from import network_from_file
-from modules.lora.layers import LORA_ROLE_B
 from modules.lora.layouts import LoRALayout
 from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
@@ -209,12 +208,10 @@ class TrainingRun:
         optimizer = create_optimizer(config.optimizer, self._param_groups())
         scheduler = create_scheduler(config.scheduler, optimizer, total_steps=self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        # after prepare: the preconditioner packs the factors where they finally live
+        # the torch optimizer itself, not accelerate's wrapper around it, and after prepare: its
+        # statistics buffers live where the factors finally do
         self.preconditioner = attach_preconditioner(
-            config=config,
-            network=self.network,
-            optimizer=self.optimizer.optimizer,
-            accelerator=self.accelerator,
+            config=config, network=self.network, optimizer=optimizer, accelerator=self.accelerator
         )
         self.pipeline = GradientPipeline(
             accelerator=self.accelerator,
@@ -224,7 +221,6 @@ class TrainingRun:
             parameters=list(self.network.parameters()),
             accumulation_steps=config.training.gradient_accumulation_steps,
             max_grad_norm=config.training.max_grad_norm,
-            on_zero_grad=[self.preconditioner.zero_] if self.preconditioner else [],
         )
         self.state = TrainingState(
             network=self.network,
@@ -299,8 +295,8 @@ class TrainingRun:
             if ratio == 1:
                 groups.append({"params": params, "lr": lr, "name": part})
                 continue
-            up = [p for p in params if getattr(p, "_lora_role", None) == LORA_ROLE_B]
-            down = [p for p in params if getattr(p, "_lora_role", None) != LORA_ROLE_B]
+            up = [b for _, b in self.network.pairs(part)]
+            down = [p for p in params if all(p is not b for b in up)]
             groups.append({"params": down, "lr": lr, "name": part})
             groups.append({"params": up, "lr": lr * ratio, "name": f"{part}_up"})
         return groups

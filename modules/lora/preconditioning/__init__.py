@@ -1,6 +1,11 @@
 """Geometry-aware LoRA optimisation: Riemannian preconditioning and AdaPreLoRA.
 
-`linalg` holds the batched r x r math, `packing` the contiguous per-shape stacks it runs on,
-`sketch` AdaPreLoRA's gradient statistics, `preconditioner` the optimizer hook and `coverage` the
-pairing and the report of what is left out.
+`directions` holds the two factor updates (training's batched pass and the tests' float64
+reference in one), `statistics` AdaPreLoRA's sketched row/column energies, `preconditioner` the
+optimizer step pre-hook that applies them and the report of which layers it serves.
 """
+
+from modules.lora.preconditioning.directions import Damping
+from modules.lora.preconditioning.preconditioner import LoRAPreconditioner, Settings, find_coverage
+
+__all__ = ["Damping", "LoRAPreconditioner", "Settings", "find_coverage"]

@@ -1,15 +1,18 @@
-"""The LoRA gradient preconditioner: one optimizer step pre-hook for every optimizer.
+"""The LoRA gradient preconditioner: one optimizer step pre-hook, for any torch optimizer.
 
-It runs where `GradientPipeline.step` calls the optimizer, so after accumulation, all-reduce,
-unscale and clipping of the raw gradients, exactly once per applied step (a step the fp16 scaler
-skips never reaches it). It replaces each LoRA pair's gradients by the preconditioned directions;
-the optimizer (AdamW, SGD, Prodigy, Adafactor...) then treats them as its gradient, and weight
-decay still acts on the raw weights.
+The hook runs inside `optimizer.step()`: after accumulation, all-reduce, unscale and clipping of
+the raw gradients, once per applied step (a step the fp16 scaler skips never calls the wrapped
+optimizer's step). It replaces each LoRA pair's gradients by the preconditioned directions; the
+optimizer (AdamW, SGD, Prodigy, Adafactor...) then treats them as its gradients, and weight decay
+still acts on the raw weights. Layers of one shape, dtype and device are stacked and served by one
+batched call; the factors stay the Parameters' own tensors, and autograd fills the gradients as
+it would without the preconditioner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,228 +20,245 @@ import torch
 from torch import nn
 
 from modules.lora.layers import LoRAModule
-from modules.lora.preconditioning.adaprelora import AdafactorWeights, adaprelora_precondition_
-from modules.lora.preconditioning.graphed_pass import GraphedPass
-from modules.lora.preconditioning.linalg import Damping, riemannian_precondition_
-from modules.lora.preconditioning.packing import FactorGroup, Pair, pack_pairs
-from modules.lora.preconditioning.sketch import ProbeSource
-from modules.lora.preconditioning.statistics import (
-    AdafactorMoments,
-    GradientStatistics,
-    SketchStatistics,
+from modules.lora.network import LoRANetwork
+from modules.lora.preconditioning.directions import (
+    AdafactorWeights,
+    Damping,
+    adaprelora_directions,
+    riemannian_directions,
 )
+from modules.lora.preconditioning.statistics import GroupStatistics, ProbeSource
 
-Method = Literal["riemannian", "adaprelora"]
+Pair = tuple[nn.Parameter, nn.Parameter]  # (A = lora_down.weight, B = lora_up.weight)
 
 
 @dataclass(frozen=True)
-class PreconditionerSettings:
-    method: Method = "riemannian"
+class Settings:
+    method: Literal["riemannian", "adaprelora"] = "riemannian"
     damping: Damping = field(default_factory=Damping)
     beta2: float = 0.999  # AdaPreLoRA: Adafactor's decay of the row/column moments
-    sketch_size: int = 8  # AdaPreLoRA: probes per layer and step
-    statistics_every: int = 1  # AdaPreLoRA: refresh the row/column moments every n-th step
-    seed: int = 0
-    cuda_graph: bool = True  # on a GPU: replay the pass as a CUDA graph
+    probes: int = 8  # AdaPreLoRA: sketch columns per layer and step
+    statistics_every: int = 1  # AdaPreLoRA: take statistics on every n-th step only
+    seed: int = 0  # AdaPreLoRA: of the probes
 
 
-@dataclass(frozen=True)
-class LoRAPair:
-    """One LoRA layer as the preconditioner sees it: factors, scale, and its adapter module."""
+@torch.no_grad()
+def precondition_pairs_(
+    pairs: Sequence[Pair],
+    scale: torch.Tensor,
+    *,
+    damping: Damping,
+    weights: AdafactorWeights | None = None,
+) -> None:
+    """Replace the gradients of k same-shaped (A, B) pairs by their directions: Riemannian, or
+    AdaPreLoRA with these Adafactor `weights`. A missing gradient counts as zero (both methods are
+    linear in the gradients) and stays missing.
 
-    a: nn.Parameter
-    b: nn.Parameter
-    scale: float
-    adapter: LoRAModule | None = None  # needed by AdaPreLoRA's statistics
+    The new gradients are views of the group's result, one per factor, in the factor's dtype:
+    assigned, not copied, which saves a write and a read of every gradient and, on a GPU, one
+    copy kernel per factor. They live until the optimizer's `zero_grad`, like any gradient."""
+    a, b = zip(*pairs, strict=True)
+
+    def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(k, rows, columns): Conv2d weights flatten to (out, in*kh*kw) matrices."""
+        return torch.stack(tensors).flatten(2)
+
+    def grads(factors: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in factors]
+
+    stacks = {
+        "a": stacked(a),
+        "b": stacked(b),
+        "grad_a": stacked(grads(a)),
+        "grad_b": stacked(grads(b)),
+    }
+    if weights is None:
+        directions = riemannian_directions(**stacks, scale=scale, damping=damping)
+    else:
+        directions = adaprelora_directions(**stacks, scale=scale, weights=weights, damping=damping)
+    for factors, stack in zip((a, b), directions, strict=True):
+        first = factors[0]
+        shaped = stack.to(first.dtype).view(len(factors), *first.shape).unbind()
+        for param, direction in zip(factors, shaped, strict=True):
+            if param.grad is not None:
+                param.grad = direction
+
+
+@dataclass
+class _Group:
+    """The adapters of one shape, dtype and device, with AdaPreLoRA's statistics for them."""
+
+    adapters: list[LoRAModule]
+    statistics: GroupStatistics | None = None
+    _scales: tuple[float, ...] = ()
+    _scale: torch.Tensor | None = None
+
+    def pairs(self) -> list[Pair]:
+        return [adapter.factors for adapter in self.adapters]
+
+    def scale(self) -> torch.Tensor:
+        """Each layer's s on the device; made again only when one changed (a loaded alpha), so
+        a step does not copy it to the GPU, which would wait for the GPU's queue."""
+        scales = tuple(adapter.scale for adapter in self.adapters)
+        if scales != self._scales:
+            device = self.adapters[0].lora_down.weight.device
+            self._scale = torch.tensor(scales, dtype=torch.float32, device=device)
+            self._scales = scales
+        return self._scale
 
 
 class LoRAPreconditioner:
-    """Preconditions the gradients of LoRA pairs in place, batched by shape.
-
-    `loss_scale` returns the fp16 loss scale (a tensor) or None: AdaPreLoRA's sketches are taken
-    from scaled output gradients and are unscaled here, without a host sync.
-    """
+    """Preconditions the gradients of `adapters` before every step of the optimizers it is
+    attached to. `loss_scale`: the fp16 loss scale as a tensor (or None), which AdaPreLoRA's
+    sketches, taken from scaled output gradients, divide out."""
 
     def __init__(
         self,
-        pairs: list[LoRAPair],
-        settings: PreconditionerSettings,
+        adapters: Sequence[LoRAModule],
+        settings: Settings,
         *,
         loss_scale: Callable[[], torch.Tensor | None] = lambda: None,
     ) -> None:
-        if not pairs:
+        if not adapters:
             raise ValueError("no LoRA pairs to precondition")
         self.settings = settings
         self.loss_scale = loss_scale
-        raw: list[Pair] = [(pair.a, pair.b) for pair in pairs]
-        self.groups: list[FactorGroup] = pack_pairs(raw, [pair.scale for pair in pairs])
-        self._pass = GraphedPass(
-            self._run_pass,
-            device=self.groups[0].a.device,
-            enabled=settings.cuda_graph,
-            outputs=lambda: [t for g in self.groups for t in (g.grad_a, g.grad_b)],
-        )
+        grouped: dict[tuple, list[LoRAModule]] = defaultdict(list)
+        for adapter in adapters:
+            a, b = adapter.factors
+            grouped[(a.shape, b.shape, a.dtype, a.device)].append(adapter)
+        self.groups = [_Group(adapters=members) for members in grouped.values()]
         self.applied_steps = 0
         self.statistics_updates = 0  # AdaPreLoRA: moment updates so far (bias correction)
-        self._handles: list[Any] = []
-        self.moments: list[AdafactorMoments] = []
-        # AdaPreLoRA: each group's Adafactor weights, in buffers that the pass (and so its CUDA
-        # graph) reads and that are only ever overwritten in place, after `_weights_updates`
-        # moment updates (-1: to be filled)
-        self.weights: list[AdafactorWeights] = []
-        self._weights_updates = -1
-        self.statistics: GradientStatistics | None = None
+        self.probes: ProbeSource | None = None
         if settings.method == "adaprelora":
-            self._install_statistics(pairs)
-
-    # -- AdaPreLoRA statistics ----------------------------------------------------------------------
-
-    def _install_statistics(self, pairs: list[LoRAPair]) -> None:
-        adapter_of = {id(pair.a): pair.adapter for pair in pairs}
-        adapters: list[list[LoRAModule]] = []
-        for group in self.groups:
-            layers = [adapter_of[id(param_a)] for param_a, _ in group.pairs]
-            if any(adapter is None for adapter in layers):
-                raise ValueError("AdaPreLoRA needs the adapter module of every LoRA pair")
-            adapters.append(layers)  # type: ignore[arg-type]
-            k, m, n = len(group.pairs), group.b.shape[1], group.a.shape[2]
-            options = {"dtype": torch.float32, "device": group.a.device}
-            self.moments.append(
-                AdafactorMoments(
-                    rows=torch.zeros(k, m, **options), cols=torch.zeros(k, n, **options)
-                )
-            )
-            self.weights.append(
-                AdafactorWeights(
-                    left=torch.ones(k, m, **options), right=torch.ones(k, n, **options)
-                )
-            )
-        self.statistics = SketchStatistics(
-            shapes=[(len(g.pairs), g.b.shape[1], g.a.shape[2]) for g in self.groups],
-            adapters=adapters,
-            probes=ProbeSource(
-                size=self.settings.sketch_size,
-                seed=self.settings.seed,
-                every=self.settings.statistics_every,
-            ),
-            device=self.groups[0].a.device,
-        )
-
-    def zero_(self) -> None:
-        """Start a new accumulation cycle (called with the optimizer's zero_grad)."""
-        if self.statistics is not None:
-            self.statistics.zero_()
-
-    def _unscale_squares(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        scale = self.loss_scale()
-        if scale is None:
-            return lambda energy: energy
-        return lambda energy: energy / scale.to(energy.device).float().square()
-
-    # -- the step ---------------------------------------------------------------------------------
+            self.probes = ProbeSource(size=settings.probes, seed=settings.seed)
+            for group in self.groups:
+                group.statistics = GroupStatistics(group.adapters, self.probes)
+        self._handles: list[Any] = []
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run before every `optimizer.step()`; the optimizer may be any torch optimizer."""
-        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.precondition()))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self.statistics is not None:
-            self.statistics.remove()
-
-    @property
-    def graphed(self) -> bool:
-        """Whether the pass now replays as a CUDA graph (on a GPU, after one step)."""
-        return self._pass.graphed
-
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self.precondition()
+        for group in self.groups:
+            if group.statistics is not None:
+                group.statistics.remove()
 
     @torch.no_grad()
     def precondition(self) -> None:
-        """Replace every pair's gradients by the preconditioned directions (in place)."""
-        settings = self.settings
-        self.applied_steps += 1
-        for group in self.groups:
-            group.refresh()
-        if settings.method == "adaprelora":
-            # eagerly, outside the pass: the bias correction is a host number
-            if self.statistics.active:
-                self._update_moments()
-            self.adafactor_weights()
-        self._pass()  # in place; on a GPU a replayed CUDA graph after the first step
-
-    def _run_pass(self) -> None:
-        """The pass itself: reads only tensors that stay put, so a CUDA graph can replay it."""
-        if self.settings.method == "riemannian":
-            riemannian_precondition_(self.groups, self.settings.damping)
-        else:
-            adaprelora_precondition_(self.groups, self.weights, self.settings.damping)
-
-    def adafactor_weights(self) -> list[AdafactorWeights]:
-        """Each group's Adafactor weights from its bias-corrected moments; unit weights while
-        there are none yet (the first applied step fell between two statistics steps). They
-        change only with the moments, so steps between two statistics steps reuse them; a
-        change is copied into `self.weights`, never rebinds it."""
-        if self._weights_updates != self.statistics_updates:
-            for buffers, fresh in zip(self.weights, self._weights_from_moments(), strict=True):
-                buffers.left.copy_(fresh.left)
-                buffers.right.copy_(fresh.right)
-            self._weights_updates = self.statistics_updates
-        return self.weights
-
-    def _weights_from_moments(self) -> list[AdafactorWeights]:
-        if self.statistics_updates == 0:
-            return [
-                AdafactorWeights.from_moments(torch.ones_like(m.rows), torch.ones_like(m.cols))
-                for m in self.moments
-            ]
-        # each update stands for `statistics_every` steps of Adafactor's decay
-        decay = self.settings.beta2**self.settings.statistics_every
-        correction = 1 - decay**self.statistics_updates
-        return [
-            AdafactorWeights.from_moments(m.rows / correction, m.cols / correction)
-            for m in self.moments
-        ]
-
-    def _update_moments(self) -> None:
-        """Fold this step's (all-reduced, unscaled) energies into the Adafactor moments."""
-        self.statistics.all_reduce_()
-        unscale = self._unscale_squares()
-        decay = self.settings.beta2**self.settings.statistics_every
-        for index, moments in enumerate(self.moments):
-            row_energy, col_energy = self.statistics.energies(index)
-            moments.update(
-                row_energy=unscale(row_energy), col_energy=unscale(col_energy), beta2=decay
+        """Replace every pair's gradients by the preconditioned directions."""
+        weights: list[AdafactorWeights | None] = [None] * len(self.groups)
+        if self.probes is not None:
+            if self.probes.active:
+                self._update_statistics()
+            weights = self.adafactor_weights()
+        for group, group_weights in zip(self.groups, weights, strict=True):
+            precondition_pairs_(
+                group.pairs(), group.scale(), damping=self.settings.damping, weights=group_weights
             )
+        self.applied_steps += 1
+        self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        if self.probes is not None:
+            active = self.applied_steps % self.settings.statistics_every == 0
+            self.probes.set_cycle(self.applied_steps, active=active)
+
+    @property
+    def _decay(self) -> float:
+        """Adafactor's decay per statistics update, which stands for `statistics_every` steps."""
+        return self.settings.beta2**self.settings.statistics_every
+
+    def _update_statistics(self) -> None:
+        loss_scale = self.loss_scale()
+        for group in self.groups:
+            group.statistics.update_moments(decay=self._decay, loss_scale=loss_scale)
         self.statistics_updates += 1
 
-    # -- backups ----------------------------------------------------------------------------------
+    def adafactor_weights(self) -> list[AdafactorWeights]:
+        """Each group's Adafactor weights from its bias-corrected moments."""
+        correction = 1 - self._decay**self.statistics_updates
+        return [
+            AdafactorWeights.from_moments(
+                group.statistics.moment_rows / correction, group.statistics.moment_cols / correction
+            )
+            for group in self.groups
+        ]
+
+    # -- backups: AdaPreLoRA's moments and the step count that seeds its probes ---------------
 
     def state_dict(self) -> dict[str, Any]:
+        moments = [g.statistics for g in self.groups if g.statistics is not None]
         return {
             "method": self.settings.method,
             "applied_steps": self.applied_steps,
             "statistics_updates": self.statistics_updates,
-            "cycle": self.statistics.cycle if self.statistics else 0,
-            "rows": [m.rows.detach().cpu().clone() for m in self.moments],
-            "cols": [m.cols.detach().cpu().clone() for m in self.moments],
+            "rows": [m.moment_rows.detach().cpu().clone() for m in moments],
+            "cols": [m.moment_cols.detach().cpu().clone() for m in moments],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["method"] != self.settings.method or len(state["rows"]) != len(self.moments):
+        moments = [g.statistics for g in self.groups if g.statistics is not None]
+        if state["method"] != self.settings.method or len(state["rows"]) != len(moments):
             raise ValueError(
                 f"preconditioner state is for {state['method']!r} with {len(state['rows'])} "
-                f"groups, this run uses {self.settings.method!r} with {len(self.moments)}"
+                f"groups, this run uses {self.settings.method!r} with {len(moments)}"
             )
         self.applied_steps = state["applied_steps"]
-        # backups from before `statistics_every` updated the moments on every step
-        self.statistics_updates = state.get("statistics_updates", self.applied_steps)
-        if self.statistics is not None:
-            self.statistics.set_cycle(state["cycle"])
-        for moments, rows, cols in zip(self.moments, state["rows"], state["cols"], strict=True):
-            moments.rows.copy_(rows)
-            moments.cols.copy_(cols)
-        self._weights_updates = -1
+        self.statistics_updates = state["statistics_updates"]
+        for statistics, rows, cols in zip(moments, state["rows"], state["cols"], strict=True):
+            statistics.moment_rows.copy_(rows)
+            statistics.moment_cols.copy_(cols)
+        self._next_cycle()
+
+
+@dataclass
+class Coverage:
+    """The adapters the preconditioner serves, and every trainable tensor it leaves alone."""
+
+    adapters: list[LoRAModule] = field(default_factory=list)
+    ranks_by_part: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (parameter name, reason)
+
+    def summary(self, method: str) -> str:
+        parts = "; ".join(
+            f"{part}: {sum(ranks.values())} layers at rank "
+            + "/".join(str(rank) for rank in sorted(ranks))
+            for part, ranks in sorted(self.ranks_by_part.items())
+        )
+        text = f"{method} preconditioning on {len(self.adapters)} LoRA layers ({parts})"
+        if self.left_out:
+            shown = ", ".join(f"{name} ({reason})" for name, reason in self.left_out[:5])
+            more = f" and {len(self.left_out) - 5} more" if len(self.left_out) > 5 else ""
+            text += f"; NOT preconditioned: {len(self.left_out)} tensors: {shown}{more}"
+        return text
+
+
+def find_coverage(network: LoRANetwork) -> Coverage:
+    """The network's adapters with both factors trainable; a trainable tensor that is not one of
+    their factors (a frozen partner's other half, a DoRA magnitude, an embedding, a LoHa factor)
+    is named with the reason, so switching the feature on is never a silent no-op."""
+    coverage = Coverage()
+    served: set[int] = set()
+    partner_frozen: set[int] = set()
+    for name, adapter in network.adapters.items():
+        a, b = adapter.factors
+        if a.requires_grad and b.requires_grad:
+            coverage.adapters.append(adapter)
+            coverage.ranks_by_part[network.part_of.get(name, "other")][adapter.rank] += 1
+            served.update((id(a), id(b)))
+        else:
+            partner_frozen.update((id(a), id(b)))
+    for name, param in network.named_parameters():
+        if param.requires_grad and id(param) not in served:
+            reason = (
+                "a LoRA factor whose partner is frozen"
+                if id(param) in partner_frozen
+                else "not a LoRA factor pair, e.g. a DoRA magnitude, an embedding or a LoHa factor"
+            )
+            coverage.left_out.append((name, reason))
+    return coverage
