@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
-from modules.config.schema import OptimizerConfig, SchedulerConfig
+from modules.config.schema import OptimizerConfig, SchedulerConfig, TrainConfig
 from modules.errors import UserError
+from modules.lora.layers import LORA_ROLE_B
+from modules.lora.network import LoRANetwork
 
 
 def _adafactor_class() -> type[torch.optim.Optimizer]:
@@ -60,6 +62,24 @@ OPTIMIZERS: dict[
 }
 
 
+def lora_param_groups(*, network: LoRANetwork, config: TrainConfig) -> list[dict[str, Any]]:
+    """One group per model part; with LoRA+ each part splits into its A and its B factors."""
+    groups = []
+    ratio = config.lora.loraplus_ratio
+    settings = config.model.parts()
+    for part in network.parts():
+        lr = settings[part].learning_rate or config.optimizer.learning_rate
+        params = network.parameters_of(part)
+        if ratio == 1:
+            groups.append({"params": params, "lr": lr, "name": part})
+            continue
+        up = [p for p in params if getattr(p, "_lora_role", None) == LORA_ROLE_B]
+        down = [p for p in params if getattr(p, "_lora_role", None) != LORA_ROLE_B]
+        groups.append({"params": down, "lr": lr, "name": part})
+        groups.append({"params": up, "lr": lr * ratio, "name": f"{part}_up"})
+    return groups
+
+
 def create_optimizer(
     config: OptimizerConfig, groups: list[dict[str, Any]]
 ) -> torch.optim.Optimizer:
@@ -82,8 +102,10 @@ def create_optimizer(
 def create_scheduler(
     config: SchedulerConfig, optimizer: torch.optim.Optimizer, *, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
+    # diffusers' "constant" ignores num_warmup_steps; its warm-up variant is the same schedule
+    name = "constant_with_warmup" if config.name == "constant" else config.name
     return get_scheduler(
-        config.name,
+        name,
         optimizer=optimizer,
         num_warmup_steps=config.warmup_steps,
         num_training_steps=total_steps,

@@ -7,6 +7,7 @@ in modules/models.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -18,19 +19,20 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
 
+from modules.config.advice import advice
 from modules.config.loading import config_to_json, save_config
 from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
 from modules.lora.formats import build_metadata, load_lora_into, save_lora
-from modules.lora.layers import LORA_ROLE_B
 from modules.lora.network import LoRANetwork
 from modules.models.base import Batch, ModelFamily
 from modules.models.registry import get_family
-from modules.sampling.sampler import write_samples
+from modules.sampling.sampler import write_comparison, write_samples
 from modules.training.backup import Progress, TrainingState, find_backup, read_backup, write_backup
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
-from modules.training.optimizers import create_optimizer, create_scheduler
+from modules.training.loss_curve import write_loss_curve
+from modules.training.optimizers import create_optimizer, create_scheduler, lora_param_groups
 from modules.training.preconditioning import attach_preconditioner
 from modules.training.run_log import RunLog
 from modules.training.stop import StopSignal
@@ -46,6 +48,8 @@ class RunPaths:
     output: Path
     samples: Path
     logs: Path
+    comparison: Path  # sampling.before_after
+    loss_curve: Path  # output.loss_curve
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> RunPaths:
@@ -56,6 +60,8 @@ class RunPaths:
             output=Path(config.output.output_path or default_output).expanduser(),
             samples=workspace / "samples",
             logs=workspace / "logs",
+            comparison=workspace / "samples" / "before_after.png",
+            loss_curve=workspace / "loss.png",
         )
 
 
@@ -65,6 +71,8 @@ class RunResult:
     steps: int
     interrupted: bool
     last_backup: Path | None
+    comparison: Path | None = None  # the before/after grid, when written
+    loss_curve: Path | None = None  # the loss curve PNG, when written
 
 
 class TrainingModel(nn.Module):
@@ -110,6 +118,7 @@ class TrainingRun:
         self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
         if self.accelerator.is_main_process:
             print("\n".join(self.dataset.report_lines()), flush=True)
+            print("".join(f"advice: {line}\n" for line in advice(config)), end="", flush=True)
         torch.manual_seed(config.training.seed)
         self.family = get_family(config.model.family)
         self.base = self.family.load(config)
@@ -186,21 +195,7 @@ class TrainingRun:
         return network
 
     def _param_groups(self) -> list[dict]:
-        """One group per model part; with LoRA+ each part splits into its A and its B factors."""
-        groups = []
-        ratio = self.config.lora.loraplus_ratio
-        settings = self.config.model.parts()
-        for part in self.network.parts():
-            lr = settings[part].learning_rate or self.config.optimizer.learning_rate
-            params = self.network.parameters_of(part)
-            if ratio == 1:
-                groups.append({"params": params, "lr": lr, "name": part})
-                continue
-            up = [p for p in params if getattr(p, "_lora_role", None) == LORA_ROLE_B]
-            down = [p for p in params if getattr(p, "_lora_role", None) != LORA_ROLE_B]
-            groups.append({"params": down, "lr": lr, "name": part})
-            groups.append({"params": up, "lr": lr * ratio, "name": f"{part}_up"})
-        return groups
+        return lora_param_groups(network=self.network, config=self.config)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -258,8 +253,10 @@ class TrainingRun:
             self.validation_log.close()
         if self.config.sampling.at_end:
             self.sample(progress.step)
+        comparison, loss_curve = self._end_pictures()
         self.accelerator.end_training()
-        return self._result(interrupted=False)
+        result = self._result(interrupted=False)
+        return dataclasses.replace(result, comparison=comparison, loss_curve=loss_curve)
 
     def _check_finite(self, outcome: StepOutcome) -> None:
         if outcome.finite:
@@ -353,6 +350,27 @@ class TrainingRun:
                     resolution=self.config.data.resolution,
                     folder=self.paths.samples / f"{step:06d}",
                 )
+
+    def _end_pictures(self) -> tuple[Path | None, Path | None]:
+        """The before/after grid and the loss curve, as the config asks (main process)."""
+        comparison = loss_curve = None
+        if not self.accelerator.is_main_process:
+            return comparison, loss_curve
+        if self.config.sampling.before_after:
+            with self.dataset.encoders.on_device():
+                comparison = write_comparison(
+                    family=self.family,
+                    base=self.base,
+                    network=self.network,
+                    config=self.config.sampling,
+                    resolution=self.config.data.resolution,
+                    path=self.paths.comparison,
+                )
+        if self.config.output.loss_curve:
+            loss_curve = write_loss_curve(
+                self.paths.logs, self.paths.loss_curve, title=self.config.output.name
+            )
+        return comparison, loss_curve
 
 
 def train(

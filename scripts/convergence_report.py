@@ -1,0 +1,447 @@
+"""Tables, goal verdicts and plots of scripts/benchmark_convergence.py from its raw run curves.
+
+Definitions (also printed above the tables):
+- E1 reaches its target when |dW - dW*| / |dW*| <= 1e-2; an arm's band is the run of adjacent
+  grid learning rates around its best one whose median seed reaches it.
+- E2's base loss L0 is the validation loss with the LoRA at its start (B = 0, the base model).
+  A learning rate ends "within 10% of the best" when its median final loss keeps at least 90% of
+  the arm's best improvement over L0 (final <= best + 0.1 (L0 - best)): the diffusion loss has a
+  large floor that no LoRA removes, so 10% of the loss itself would admit learning rates that
+  learned almost nothing. The target loss is L0 - 0.8 (L0 - L*), L* the lowest median final loss
+  of any arm at that rank. A run diverged when its loss became non-finite or it ended above L0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from modules.util.markdown_section import BENCHMARKS_MD, replace_section
+
+E1_TARGET = 1e-2
+FAMILY_TITLES = {"adamw": "AdamW-based", "sgd": "SGD (momentum 0.9)", "prodigy": "Prodigy"}
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [math.inf if v is None else v for v in values]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return "∞"
+    return f"{value:.{digits}f}"
+
+
+def _decades(lrs: list[float]) -> float:
+    return math.log10(max(lrs) / min(lrs)) if lrs else 0.0
+
+
+def _band(lrs: list[float], ok: dict[float, bool], best: float) -> list[float]:
+    """Adjacent grid learning rates around `best` that are ok."""
+    index = lrs.index(best)
+    low = high = index
+    while low > 0 and ok[lrs[low - 1]]:
+        low -= 1
+    while high < len(lrs) - 1 and ok[lrs[high + 1]]:
+        high += 1
+    return lrs[low : high + 1] if ok[best] else []
+
+
+def _steps_to(result: dict[str, Any], target: float) -> float:
+    for step, value in zip(result["steps_at"], _finite(result["values"]), strict=True):
+        if value <= target:
+            return step
+    return math.inf
+
+
+class ArmSummary:
+    """One arm on one problem: per learning rate, its seeds' numbers."""
+
+    def __init__(self, arm: str, family: str, runs: list[dict[str, Any]]) -> None:
+        self.arm, self.family = arm, family
+        self.by_lr: dict[float, list[dict[str, Any]]] = defaultdict(list)
+        for run in runs:
+            self.by_lr[run["lr"]].append(run)
+        self.lrs = sorted(self.by_lr)
+
+    def finals(self, lr: float) -> list[float]:
+        return [_finite(run["values"])[-1] for run in self.by_lr[lr]]
+
+    def bests(self, lr: float) -> list[float]:
+        return [min(_finite(run["values"])) for run in self.by_lr[lr]]
+
+    def steps(self, lr: float, target: float) -> list[float]:
+        return [_steps_to(run, target) for run in self.by_lr[lr]]
+
+    def curve(self, lr: float) -> tuple[list[int], list[float]]:
+        """Median over seeds at each measured step (runs stopped early hold their last value)."""
+        runs = self.by_lr[lr]
+        steps = sorted({s for run in runs for s in run["steps_at"]})
+        medians = []
+        for step in steps:
+            at = []
+            for run in runs:
+                values = _finite(run["values"])
+                known = [v for s, v in zip(run["steps_at"], values, strict=True) if s <= step]
+                at.append(known[-1] if known else values[0])
+            medians.append(_median(at))
+        return steps, medians
+
+
+def _group(results: list[dict[str, Any]], experiment: str, arms) -> dict[str, dict]:
+    """problem label -> arm name -> ArmSummary"""
+    grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    labels: dict[str, dict[str, Any]] = {}
+    for run in results:
+        if run["experiment"] != experiment:
+            continue
+        problem = run["problem"]
+        label = (
+            f"kappa {problem['condition']:g}, r {problem['rank']}"
+            if experiment == "E1"
+            else f"rank {problem['rank']}"
+        )
+        labels[label] = problem
+        grouped[label][run["arm"]].append(run)
+    family = {arm.name: arm.family for arm in arms}
+    return {
+        label: {
+            arm.name: ArmSummary(arm.name, family[arm.name], by_arm[arm.name])
+            for arm in arms
+            if arm.name in by_arm
+        }
+        for label, by_arm in grouped.items()
+    }
+
+
+# -- E1 ---------------------------------------------------------------------------------------------
+
+
+def e1_summary(arm: ArmSummary) -> dict[str, Any]:
+    medians = {lr: _median(arm.steps(lr, E1_TARGET)) for lr in arm.lrs}
+    final = {lr: _median(arm.finals(lr)) for lr in arm.lrs}
+    best = min(arm.lrs, key=lambda lr: (medians[lr], final[lr]))
+    band = _band(arm.lrs, {lr: math.isfinite(medians[lr]) for lr in arm.lrs}, best)
+    steps = arm.steps(best, E1_TARGET)
+    return {
+        "best_lr": best,
+        "steps": medians[best],
+        "range": (min(steps), max(steps)),
+        "final": final[best],
+        "band": _decades(band) if band else None,
+        "reached": sum(math.isfinite(s) for lr in arm.lrs for s in arm.steps(lr, E1_TARGET)),
+        "runs": sum(len(arm.by_lr[lr]) for lr in arm.lrs),
+    }
+
+
+def e1_tables(grouped: dict[str, dict[str, ArmSummary]], steps: int) -> tuple[str, dict]:
+    labels = list(grouped)
+    arms = list(next(iter(grouped.values())))
+    summaries = {(label, arm): e1_summary(grouped[label][arm]) for label in labels for arm in arms}
+    lines = [
+        f"Steps to a relative error of 1e-2 at each arm's best learning rate (median of the "
+        f"seeds, min-max in brackets, ∞: not within {steps} steps), the learning rate, and in the "
+        "second table the band of grid learning rates whose median seed reaches 1e-2, in decades "
+        "(— : none does).",
+        "",
+        "| arm | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for arm in arms:
+        cells = []
+        for label in labels:
+            s = summaries[(label, arm)]
+            low, high = s["range"]
+            cells.append(
+                f"{_fmt(s['steps'], 0)} ({_fmt(low, 0)}-{_fmt(high, 0)}) @ {s['best_lr']:g}"
+            )
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "| band (decades) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for arm in arms:
+        cells = []
+        for label in labels:
+            band = summaries[(label, arm)]["band"]
+            cells.append("—" if band is None else f"{band:.1f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), summaries
+
+
+# -- E2 ---------------------------------------------------------------------------------------------
+
+
+def e2_summary(arm: ArmSummary, *, base: float, target: float) -> dict[str, Any]:
+    final = {lr: _median(arm.finals(lr)) for lr in arm.lrs}
+    best = min(arm.lrs, key=lambda lr: final[lr])
+    kept = final[best] + 0.1 * (base - final[best])
+    band = _band(arm.lrs, {lr: final[lr] <= kept for lr in arm.lrs}, best)
+    finals, steps = arm.finals(best), arm.steps(best, target)
+    diverged = sum(
+        any(v is None for v in run["values"]) or _finite(run["values"])[-1] > base
+        for lr in arm.lrs
+        for run in arm.by_lr[lr]
+    )
+    return {
+        "best_lr": best,
+        "final": final[best],
+        "final_range": (min(finals), max(finals)),
+        "best": _median(arm.bests(best)),
+        "steps": _median(steps),
+        "steps_range": (min(steps), max(steps)),
+        "band": _decades(band) if band else None,
+        "diverged": diverged,
+        "runs": sum(len(arm.by_lr[lr]) for lr in arm.lrs),
+        "final_by_lr": final,
+        "base": base,
+    }
+
+
+def e2_levels(arms: dict[str, ArmSummary]) -> tuple[float, float, float]:
+    """(L0, L*, target) of one rank."""
+    first = next(iter(arms.values()))
+    base = _finite(first.by_lr[first.lrs[0]][0]["values"])[0]
+    lowest = min(_median(arm.finals(lr)) for arm in arms.values() for lr in arm.lrs)
+    return base, lowest, base - 0.8 * (base - lowest)
+
+
+def e2_tables(grouped: dict[str, dict[str, ArmSummary]]) -> tuple[str, dict]:
+    lines, summaries = [], {}
+    for label, arms in grouped.items():
+        base, lowest, target = e2_levels(arms)
+        lines += [
+            f"**{label}**: base loss L0 = {base:.4f} (the LoRA at its start), lowest median final "
+            f"loss L* = {lowest:.4f}, target = {target:.4f}.",
+            "",
+            "| arm | best lr | final val. loss | best val. loss | steps to target | band "
+            "(decades) | diverged |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, arm in arms.items():
+            s = e2_summary(arm, base=base, target=target)
+            summaries[(label, name)] = s
+            low, high = s["final_range"]
+            slow, shigh = s["steps_range"]
+            band = "—" if s["band"] is None else f"{s['band']:.1f}"
+            lines.append(
+                f"| {name} | {s['best_lr']:g} | {_fmt(s['final'])} ({_fmt(low)}-{_fmt(high)}) | "
+                f"{_fmt(s['best'])} | {_fmt(s['steps'], 0)} ({_fmt(slow, 0)}-{_fmt(shigh, 0)}) | "
+                f"{band} | {s['diverged']}/{s['runs']} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip(), summaries
+
+
+# -- goals ------------------------------------------------------------------------------------------
+
+
+def goal_lines(e1: dict, e2: dict) -> list[str]:
+    """The issue's four goals, each with its numbers and a verdict."""
+    out = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for label in sorted({label for label, _ in e2}):
+        plain, riem = e2[(label, "AdamW")], e2[(label, "AdamW + Riemannian")]
+        ok = riem["steps"] <= 0.5 * plain["steps"]
+        out.append(
+            f"E2 {label}: AdamW + Riemannian reaches the target in {_fmt(riem['steps'], 0)} "
+            f"steps against AdamW's {_fmt(plain['steps'], 0)} (goal: at most half): {verdict(ok)}."
+        )
+        band_r, band_p = riem["band"] or 0.0, plain["band"] or 0.0
+        out.append(
+            f"E2 {label}: band {band_r:.1f} decades against AdamW's {band_p:.1f} (goal: at least "
+            f"one decade wider): {verdict(band_r >= band_p + 1.0 - 1e-9)}."
+        )
+        sgd = e2[(label, "SGD + Riemannian")]
+        limit = plain["final"] + 0.1 * (plain["base"] - plain["final"])
+        out.append(
+            f"E2 {label}: SGD + Riemannian ends at {_fmt(sgd['final'])} against AdamW's best "
+            f"{_fmt(plain['final'])} (goal: within 10% of AdamW's improvement, <= {_fmt(limit)}): "
+            f"{verdict(sgd['final'] <= limit)}."
+        )
+        ada = e2[(label, "AdamW + AdaPreLoRA")]
+        out.append(
+            f"E2 {label}: AdaPreLoRA ends at {_fmt(ada['final'])} against Riemannian's "
+            f"{_fmt(riem['final'])} (goal: at least as good): {verdict(ada['final'] <= riem['final'])}."
+        )
+    for label in sorted({label for label, _ in e1}):
+        plain, riem = e1[(label, "AdamW")], e1[(label, "AdamW + Riemannian")]
+        ok = riem["steps"] <= 0.5 * plain["steps"]
+        out.append(
+            f"E1 {label}: AdamW + Riemannian reaches 1e-2 in {_fmt(riem['steps'], 0)} steps against "
+            f"AdamW's {_fmt(plain['steps'], 0)}: {verdict(ok)}; bands {riem['band'] or 0:.1f} "
+            f"against {plain['band'] or 0:.1f} decades: "
+            f"{verdict((riem['band'] or 0) >= (plain['band'] or 0) + 1 - 1e-9)}."
+        )
+    return out
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+
+def plot_e2(grouped: dict[str, dict[str, ArmSummary]], images: Path) -> list[Path]:
+    images.mkdir(parents=True, exist_ok=True)
+    families = list(FAMILY_TITLES)
+    labels = list(grouped)
+    robust = Figure(figsize=(12, 3.6 * len(labels)), dpi=90, layout="constrained")
+    axes = robust.subplots(len(labels), len(families), squeeze=False)
+    for row, label in enumerate(labels):
+        base, lowest, _ = e2_levels(grouped[label])
+        for column, family in enumerate(families):
+            ax = axes[row][column]
+            for name, arm in grouped[label].items():
+                if arm.family != family:
+                    continue
+                medians = [_median(arm.finals(lr)) for lr in arm.lrs]
+                low = [min(arm.finals(lr)) for lr in arm.lrs]
+                high = [max(arm.finals(lr)) for lr in arm.lrs]
+                cap = base + 0.6 * (base - lowest)
+                clip = [min(v, cap) for v in medians]
+                (line,) = ax.plot(arm.lrs, clip, marker="o", label=name)
+                ax.fill_between(
+                    arm.lrs,
+                    [min(v, cap) for v in low],
+                    [min(v, cap) for v in high],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
+            ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base model (L0)")
+            ax.set_xscale("log")
+            ax.set_ylim(lowest - 0.1 * (base - lowest), base + 0.65 * (base - lowest))
+            ax.set_title(f"{FAMILY_TITLES[family]}, LoRA {label}")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("final validation loss")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    robust_path = images / "convergence_e2_lr.png"
+    robust.savefig(robust_path)
+    curves = Figure(figsize=(6 * len(labels), 4), dpi=90, layout="constrained")
+    axes = curves.subplots(1, len(labels), squeeze=False)[0]
+    for ax, label in zip(axes, labels, strict=True):
+        base, lowest, target = e2_levels(grouped[label])
+        for name, arm in grouped[label].items():
+            finals = {lr: _median(arm.finals(lr)) for lr in arm.lrs}
+            best = min(arm.lrs, key=finals.get)
+            steps, medians = arm.curve(best)
+            ax.plot(steps, [min(v, base * 1.2) for v in medians], label=f"{name} @ {best:g}")
+        ax.axhline(target, color="gray", linestyle=":", linewidth=1, label="target")
+        ax.set_title(f"validation loss at each arm's best learning rate, LoRA {label}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss (median of seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    curves_path = images / "convergence_e2_steps.png"
+    curves.savefig(curves_path)
+    return [robust_path, curves_path]
+
+
+def plot_e1(grouped: dict[str, dict[str, ArmSummary]], images: Path, steps: int) -> Path:
+    images.mkdir(parents=True, exist_ok=True)
+    conditions = sorted({label.split(",")[0] for label in grouped}, key=lambda c: float(c[6:]))
+    families = list(FAMILY_TITLES)
+    figure = Figure(figsize=(12, 3.3 * len(conditions)), dpi=90, layout="constrained")
+    axes = figure.subplots(len(conditions), len(families), squeeze=False)
+    for row, condition in enumerate(conditions):
+        for column, family in enumerate(families):
+            ax = axes[row][column]
+            for label, arms in grouped.items():
+                if not label.startswith(condition + ","):
+                    continue
+                style = "-" if label.endswith("r 4") else "--"
+                for name, arm in arms.items():
+                    if arm.family != family:
+                        continue
+                    medians = [
+                        min(_median(arm.steps(lr, E1_TARGET)), steps * 1.1) for lr in arm.lrs
+                    ]
+                    ax.plot(
+                        arm.lrs, medians, style, marker="o", label=f"{name}, {label.split(', ')[1]}"
+                    )
+            ax.axhline(steps, color="gray", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{FAMILY_TITLES[family]}, {condition}")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("steps to 1e-2 (top line: not reached)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    path = images / "convergence_e1.png"
+    figure.savefig(path)
+    return path
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+def write_report(
+    results: list[dict[str, Any]],
+    *,
+    plans,
+    header: str,
+    minutes: float,
+    images: Path,
+    doc: Path,
+    write: bool,
+    quick: bool,
+) -> str:
+    from scripts.benchmark_convergence import ARMS
+
+    by_name = {plan.name: plan for plan in plans}
+    parts = [
+        "## Convergence: does the preconditioner help? (`scripts/benchmark_convergence.py`)",
+        "",
+        f"{header} Run time {minutes:.1f} min.",
+        "",
+    ]
+    e1 = e2 = {}
+    if "E1" in by_name:
+        plan = by_name["E1"]
+        grouped = _group(results, "E1", ARMS)
+        table, e1 = e1_tables(grouped, plan.steps)
+        parts += [
+            f"### E1: LoRA on a frozen 64 x 64 linear layer, rank-4 target ({plan.seeds} seeds, "
+            f"full batch, no clipping, up to {plan.steps} steps)",
+            "",
+            table,
+            "",
+        ]
+        if write:
+            plot_e1(grouped, images, plan.steps)
+            parts += ["![E1: steps to 1e-2 by learning rate](images/convergence_e1.png)", ""]
+    if "E2" in by_name:
+        plan = by_name["E2"]
+        grouped = _group(results, "E2", ARMS)
+        table, e2 = e2_tables(grouped)
+        parts += [
+            f"### E2: the tiny world's concept fine-tune ({plan.seeds} seeds, {plan.steps} steps "
+            f"of batch 4, validation every {plan.every} steps)",
+            "",
+            table,
+            "",
+        ]
+        if write:
+            plot_e2(grouped, images)
+            parts += [
+                "![E2: final validation loss by learning rate](images/convergence_e2_lr.png)",
+                "",
+                "![E2: validation loss by step](images/convergence_e2_steps.png)",
+                "",
+            ]
+    if e1 and e2 and not quick:
+        parts += ["### Goals", "", *[f"- {line}" for line in goal_lines(e1, e2)], ""]
+    text = "\n".join(parts).rstrip()
+    if write:
+        replace_section(doc, "convergence", text)
+    return text
+
+
+__all__ = ["BENCHMARKS_MD", "write_report"]

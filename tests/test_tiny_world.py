@@ -1,0 +1,209 @@
+"""The tiny world: its images say what their captions say, its tokenizer, its pretrained model."""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from modules.config.schema import TrainConfig
+from modules.data import tiny_world
+from modules.models.registry import get_family
+from modules.models.sdxl.tiny_world import world_tokenizer
+from tests.helpers import cli_env
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "resources" / "tiny-world-sdxl"
+
+
+def _shape_mask(image: torch.Tensor, background: str) -> torch.Tensor:
+    """Pixels that differ clearly from the background colour."""
+    reference = torch.tensor(tiny_world.BACKGROUNDS[background])[:, None, None]
+    return (image - reference).abs().sum(0) > 0.3
+
+
+def _centroid(mask: torch.Tensor) -> tuple[float, float]:
+    """(x, y) of the mask's centre of mass in [-1, 1] image coordinates."""
+    size = mask.shape[-1]
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
+    weight = mask.float()
+    total = weight.sum()
+    return float((weight.sum(0) * coords).sum() / total), float(
+        (weight.sum(1) * coords).sum() / total
+    )
+
+
+def _hue(rgb: torch.Tensor) -> float:
+    return colorsys.rgb_to_hsv(*rgb.tolist())[0]
+
+
+def test_images_show_what_their_captions_say():
+    scenes = tiny_world.random_scenes(40, seed=3)
+    images = tiny_world.render(scenes)
+    assert images.shape == (40, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+    for scene, image in zip(scenes, images, strict=True):
+        mask = _shape_mask(image, scene.background)
+        x, y = _centroid(mask)
+        want_x, want_y = tiny_world.POSITIONS[scene.position]
+        assert abs(x - want_x) < 0.2 and abs(y - want_y) < 0.25, (scene, x, y)
+        colour = image[:, mask].mean(1)
+        hues = {name: _hue(torch.tensor(rgb)) for name, rgb in tiny_world.COLOURS.items()}
+        nearest = min(
+            hues,
+            key=lambda name: min(
+                abs(hues[name] - _hue(colour)), 1 - abs(hues[name] - _hue(colour))
+            ),
+        )
+        assert nearest == scene.colour, (scene, colour)
+        other_size = "small" if scene.size == "large" else "large"
+        other = tiny_world.render([dataclasses.replace(scene, size=other_size)])[0]
+        ratio = mask.float().sum() / _shape_mask(other, scene.background).float().sum()
+        assert ratio > 2 if scene.size == "large" else ratio < 0.5, (scene, float(ratio))
+
+
+def test_the_novel_shape_is_none_of_the_worlds_shapes():
+    """Same place, size and colour: the heart's silhouette differs from each world shape's by
+    a good part of its area, so a model that learned it visibly draws something new."""
+    common = {"colour": "red", "size": "large", "position": "center", "background": "white"}
+    heart = _shape_mask(tiny_world.render([tiny_world.Scene(shape="heart", **common)])[0], "white")
+    for shape in tiny_world.WORLD_SHAPES:
+        other = _shape_mask(
+            tiny_world.render([tiny_world.Scene(shape=shape, **common)])[0], "white"
+        )
+        differing = (heart ^ other).float().sum() / heart.float().sum()
+        assert differing > 0.25, (shape, float(differing))
+    assert tiny_world.NOVEL_SHAPE not in tiny_world.CAPTION_WORDS
+    assert tiny_world.TRIGGER_WORD not in tiny_world.CAPTION_WORDS
+
+
+def test_scenes_and_captions_are_fixed_by_their_seed():
+    first = tiny_world.random_scenes(5, seed=11)
+    assert first == tiny_world.random_scenes(5, seed=11)
+    assert first != tiny_world.random_scenes(5, seed=12)
+    assert torch.equal(tiny_world.render(first), tiny_world.render(first))
+    captions = tiny_world.random_captions(first, seed=1)
+    assert captions == tiny_world.random_captions(first, seed=1)
+    words = {w.strip(",") for caption in captions for w in caption.split()}
+    assert words <= set(tiny_world.CAPTION_WORDS)
+
+
+def test_caption_grammar():
+    scene = tiny_world.Scene(
+        shape="circle", colour="orange", size="small", position="left", background="gray"
+    )
+    assert scene.caption() == "a small orange circle on the left, on a gray background"
+    keep = (False, True, False, False)
+    assert scene.caption(keep=keep) == "an orange circle"
+    assert scene.caption(noun="zorb", keep=(False,) * 4) == "a zorb"
+
+
+def test_concept_dataset_is_a_user_style_folder(tmp_path: Path):
+    folder = tiny_world.write_concept_dataset(tmp_path / "zorbs", count=3, seed=0)
+    images = sorted(folder.glob("*.png"))
+    assert [p.stem for p in images] == ["000", "001", "002"]
+    for image in images:
+        caption = image.with_suffix(".txt").read_text(encoding="utf-8")
+        assert tiny_world.TRIGGER_WORD in caption.split()
+        assert Image.open(image).size == (64, 64)
+
+
+def test_world_tokenizer_has_a_token_per_world_word(tmp_path: Path):
+    tokenizer = world_tokenizer(tiny_world.CAPTION_WORDS)
+    for word in tiny_world.CAPTION_WORDS:
+        assert tokenizer.tokenize(word) == [f"{word}</w>"], word
+    # anything else still tokenizes into known pieces (no unknown token)
+    pieces = tokenizer.tokenize(f"a {tiny_world.TRIGGER_WORD}, café!")
+    assert len(pieces) > 3 and tokenizer.unk_token not in pieces
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a large red circle on the left, on a white background"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    assert len(loaded(text).input_ids) == 2 + len(text.replace(",", " ,").split())
+
+
+# -- the pretrained model in resources/ -------------------------------------------------------------
+
+
+def test_pretrained_world_model_is_small_and_safe():
+    files = [f for f in MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 30 * 2**20
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+@pytest.fixture(scope="module")
+def world_model():
+    config = TrainConfig.model_validate({"model": {"base_model": str(MODEL)}})
+    family = get_family("sdxl")
+    return family, family.load(config)
+
+
+@pytest.mark.parametrize(
+    ("colour", "position"), [("red", "left"), ("blue", "right"), ("yellow", "top")]
+)
+def test_pretrained_world_model_draws_what_it_is_asked(world_model, colour, position):
+    """The loaded model (through the loader a user's model takes) puts the asked colour where
+    the prompt says, on the asked background, for several seeds."""
+    family, base = world_model
+    pipe = family.sampling_pipeline(base)
+    prompt = (
+        f"a large {colour} circle {tiny_world.POSITION_PHRASES[position]}, on a white background"
+    )
+    images = pipe(
+        prompt=[prompt] * 3,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=[torch.Generator().manual_seed(s) for s in range(3)],
+        output_type="pt",
+    ).images
+    want_x, want_y = tiny_world.POSITIONS[position]
+    hit = 0
+    for image in images:
+        mask = _shape_mask(image, "white")
+        if mask.float().mean() < 0.02:
+            continue
+        x, y = _centroid(mask)
+        colour_seen = image[:, mask].mean(1)
+        hue_error = abs(_hue(colour_seen) - _hue(torch.tensor(tiny_world.COLOURS[colour])))
+        if abs(x - want_x) < 0.3 and abs(y - want_y) < 0.3 and min(hue_error, 1 - hue_error) < 0.08:
+            hit += 1
+    assert hit >= 2, prompt
+
+
+def test_pretraining_script_runs_and_resumes(tmp_path: Path):
+    """A few steps of every stage; killed after the denoiser's second step, the rerun resumes."""
+    args = [
+        sys.executable,
+        str(REPO / "scripts" / "pretrain_tiny_world.py"),
+        *["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work")],
+        *["--sheet", str(tmp_path / "sheet.png"), "--images", "32", "--batch", "2"],
+        *["--vae-steps", "2", "--vae-crop-steps", "1", "--vae-batch", "2"],
+        *["--checkpoint-every", "2", "--sheet-every", "0"],
+    ]
+    env = cli_env()
+    first = subprocess.run(
+        [*args, "--unet-steps", "2"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(
+        [*args, "--unet-steps", "3"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "denoiser: resumed at step 2" in second.stdout
+    assert "vae step" not in second.stdout  # the finished VAE stage is not redone
+    config = TrainConfig.model_validate({"model": {"base_model": str(tmp_path / "model")}})
+    base = get_family("sdxl").load(config)
+    assert base.vae.config.scaling_factor != 1.0
+    assert Image.open(tmp_path / "sheet.png").size == (4 * 64, 8 * 64)
