@@ -55,15 +55,18 @@ class Curve:
         return next((s for s, v in zip(self.steps, self.values, strict=True) if v <= target), None)
 
 
-def arm_config(settings: dict[str, Any], *, lr: float, rank: int, base_model: str) -> TrainConfig:
-    """An arm's settings (sparse config sections) at one learning rate and rank, validated."""
+def arm_config(
+    *settings: dict[str, Any], lr: float, rank: int, base_model: str = "-"
+) -> TrainConfig:
+    """Sparse config sections (an arm's, an experiment's) merged at one learning rate and rank."""
     raw: dict[str, Any] = {
         "model": {"base_model": base_model},
         "lora": {"rank": rank, "alpha": rank},
         "optimizer": {"learning_rate": lr},
     }
-    for section, values in settings.items():
-        raw.setdefault(section, {}).update(values)
+    for sections in settings:
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
     return TrainConfig.model_validate(raw)
 
 
@@ -206,7 +209,7 @@ class ConceptProblem:
         batch_size: int = 4,
         accelerator: Accelerator,
     ) -> None:
-        config = arm_config({}, lr=1e-3, rank=rank, base_model=str(model))
+        config = arm_config(lr=1e-3, rank=rank, base_model=str(model))
         self.family = get_family(config.model.family)
         self.base = self.family.load(config)
         self.accelerator = accelerator

@@ -399,7 +399,9 @@ def write_report(
     parts = [
         "## Convergence: does the preconditioner help? (`scripts/benchmark_convergence.py`)",
         "",
-        f"{header} Run time {minutes:.1f} min.",
+        f"{header} Run time {minutes:.1f} min; the runs themselves took "
+        f"{sum(r.get('cpu_seconds', 0.0) for r in results) / 60:.1f} CPU-minutes (one thread "
+        "each), which is what the machine's other load cannot inflate much.",
         "",
     ]
     e1 = e2 = {}

@@ -44,6 +44,8 @@ from modules.models.base import Batch  # noqa: E402
 from modules.models.sdxl import tiny_world as architecture  # noqa: E402
 from modules.models.sdxl.family import SDXLBase, SDXLFamily  # noqa: E402
 from modules.util.atomic import atomic_path  # noqa: E402
+from modules.util.machine import benchmark_header  # noqa: E402
+from modules.util.markdown_section import report_benchmark  # noqa: E402
 
 SHEET_PROMPTS = [
     "a red circle",
@@ -75,6 +77,10 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
+
+
+def _load() -> str:
+    return "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
 
 
 def _log(message: str) -> None:
@@ -370,10 +376,17 @@ def main() -> int:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--sheet-every", type=int, default=1000)
+    parser.add_argument(
+        "--no-docs",
+        dest="write_docs",
+        action="store_false",
+        help="do not record the run's time in docs/benchmarks.md",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    header = benchmark_header("scripts/pretrain_tiny_world.py")
     _log(f"pretraining with {torch.get_num_threads()} torch threads: {vars(args)}")
     vae = train_vae(args, work)
     latents = encode_images(args, work, vae)
@@ -386,6 +399,14 @@ def main() -> int:
     timing = StageClock(work, "total").read()
     stages = ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in timing.items())
     _log(f"samples of the exported model: {sheet}; stages: {stages}")
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    report_benchmark(
+        f"{header} Wall-clock time by stage, summed over resumed runs: {stages} (total "
+        f"{sum(timing.values()) / 3600:.1f} h; load average {_load()} at the end). The model: "
+        f"{size / 2**20:.1f} MiB of safetensors in `{Path(args.out).relative_to(REPO)}`.",
+        section="tiny-world-pretraining",
+        write=args.write_docs,
+    )
     return 0
 
 

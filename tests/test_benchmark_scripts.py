@@ -38,6 +38,10 @@ SMOKE_RUNS = {
         "Training with the sketch ends at a loss",
     ),
     "benchmark_damping.py": (["--steps", "3", "--seeds", "1", "--no-write"], "| kappa 100, r 8 |"),
+    "benchmark_convergence.py": (
+        ["--quick", "--workers", "1", "--no-write"],
+        "| LoRA+ (ratio 16) |",
+    ),
     "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),
     "benchmark_data.py": (
         ["--images", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--no-write"],

@@ -190,7 +190,7 @@ def test_pretraining_script_runs_and_resumes(tmp_path: Path):
         *["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work")],
         *["--sheet", str(tmp_path / "sheet.png"), "--images", "32", "--batch", "2"],
         *["--vae-steps", "2", "--vae-crop-steps", "1", "--vae-batch", "2"],
-        *["--checkpoint-every", "2", "--sheet-every", "0"],
+        *["--checkpoint-every", "2", "--sheet-every", "0", "--no-docs"],
     ]
     env = cli_env()
     first = subprocess.run(
