@@ -1,8 +1,10 @@
 """Tables, goal verdicts and plots of scripts/benchmark_convergence.py from its raw run curves.
 
 Definitions (also printed above the tables):
-- E1 reaches its target when |dW - dW*| / |dW*| <= 1e-2; an arm's band is the run of adjacent
-  grid learning rates around its best one whose median seed reaches it.
+- E1 reaches a target when |dW - dW*| / |dW*| falls to it: 1e-2 (the issue's), and 1e-3. At
+  condition number 100 the target's smallest singular value is 0.9% of its norm, so 1e-2 is
+  reached without learning that direction at all; 1e-3 needs it to about 10%. An arm's band is
+  the run of adjacent grid learning rates around its best one whose median seed reaches it.
 - E2's base loss L0 is the validation loss with the LoRA at its start (B = 0, the base model).
   A learning rate ends "within 10% of the best" when its median final loss keeps at least 90% of
   the arm's best improvement over L0 (final <= best + 0.1 (L0 - best)): the diffusion loss has a
@@ -19,11 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 from modules.util.markdown_section import BENCHMARKS_MD, replace_section
 
-E1_TARGET = 1e-2
+E1_TARGETS = (1e-2, 1e-3)  # the runs stop at the last
 FAMILY_TITLES = {"adamw": "AdamW-based", "sgd": "SGD (momentum 0.9)", "prodigy": "Prodigy"}
 
 
@@ -126,32 +126,36 @@ def _group(results: list[dict[str, Any]], experiment: str, arms) -> dict[str, di
 # -- E1 ---------------------------------------------------------------------------------------------
 
 
-def e1_summary(arm: ArmSummary) -> dict[str, Any]:
-    medians = {lr: _median(arm.steps(lr, E1_TARGET)) for lr in arm.lrs}
+def e1_summary(arm: ArmSummary, target: float) -> dict[str, Any]:
+    medians = {lr: _median(arm.steps(lr, target)) for lr in arm.lrs}
     final = {lr: _median(arm.finals(lr)) for lr in arm.lrs}
     best = min(arm.lrs, key=lambda lr: (medians[lr], final[lr]))
     band = _band(arm.lrs, {lr: math.isfinite(medians[lr]) for lr in arm.lrs}, best)
-    steps = arm.steps(best, E1_TARGET)
+    steps = arm.steps(best, target)
     return {
         "best_lr": best,
         "steps": medians[best],
         "range": (min(steps), max(steps)),
         "final": final[best],
         "band": _decades(band) if band else None,
-        "reached": sum(math.isfinite(s) for lr in arm.lrs for s in arm.steps(lr, E1_TARGET)),
+        "reached": sum(math.isfinite(s) for lr in arm.lrs for s in arm.steps(lr, target)),
         "runs": sum(len(arm.by_lr[lr]) for lr in arm.lrs),
     }
 
 
-def e1_tables(grouped: dict[str, dict[str, ArmSummary]], steps: int) -> tuple[str, dict]:
+def e1_tables(
+    grouped: dict[str, dict[str, ArmSummary]], *, steps: int, target: float
+) -> tuple[str, dict]:
     labels = list(grouped)
     arms = list(next(iter(grouped.values())))
-    summaries = {(label, arm): e1_summary(grouped[label][arm]) for label in labels for arm in arms}
+    summaries = {
+        (label, arm): e1_summary(grouped[label][arm], target) for label in labels for arm in arms
+    }
     lines = [
-        f"Steps to a relative error of 1e-2 at each arm's best learning rate (median of the "
+        f"Steps to a relative error of {target:g} at each arm's best learning rate (median of the "
         f"seeds, min-max in brackets, ∞: not within {steps} steps), the learning rate, and in the "
-        "second table the band of grid learning rates whose median seed reaches 1e-2, in decades "
-        "(— : none does).",
+        f"second table the band of grid learning rates whose median seed reaches {target:g}, in "
+        "decades (— : none does).",
         "",
         "| arm | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
@@ -273,110 +277,18 @@ def goal_lines(e1: dict, e2: dict) -> list[str]:
             f"E2 {label}: AdaPreLoRA ends at {_fmt(ada['final'])} against Riemannian's "
             f"{_fmt(riem['final'])} (goal: at least as good): {verdict(ada['final'] <= riem['final'])}."
         )
-    for label in sorted({label for label, _ in e1}):
-        plain, riem = e1[(label, "AdamW")], e1[(label, "AdamW + Riemannian")]
-        ok = riem["steps"] <= 0.5 * plain["steps"]
-        out.append(
-            f"E1 {label}: AdamW + Riemannian reaches 1e-2 in {_fmt(riem['steps'], 0)} steps against "
-            f"AdamW's {_fmt(plain['steps'], 0)}: {verdict(ok)}; bands {riem['band'] or 0:.1f} "
-            f"against {plain['band'] or 0:.1f} decades: "
-            f"{verdict((riem['band'] or 0) >= (plain['band'] or 0) + 1 - 1e-9)}."
-        )
+    for target, summaries in e1.items():
+        for label in sorted({label for label, _ in summaries}):
+            plain = summaries[(label, "AdamW")]
+            riem = summaries[(label, "AdamW + Riemannian")]
+            ok = riem["steps"] <= 0.5 * plain["steps"]
+            out.append(
+                f"E1 {label}: AdamW + Riemannian reaches {target:g} in {_fmt(riem['steps'], 0)} "
+                f"steps against AdamW's {_fmt(plain['steps'], 0)}: {verdict(ok)}; bands "
+                f"{riem['band'] or 0:.1f} against {plain['band'] or 0:.1f} decades: "
+                f"{verdict((riem['band'] or 0) >= (plain['band'] or 0) + 1 - 1e-9)}."
+            )
     return out
-
-
-# -- plots ------------------------------------------------------------------------------------------
-
-
-def plot_e2(grouped: dict[str, dict[str, ArmSummary]], images: Path) -> list[Path]:
-    images.mkdir(parents=True, exist_ok=True)
-    families = list(FAMILY_TITLES)
-    labels = list(grouped)
-    robust = Figure(figsize=(12, 3.6 * len(labels)), dpi=90, layout="constrained")
-    axes = robust.subplots(len(labels), len(families), squeeze=False)
-    for row, label in enumerate(labels):
-        base, lowest, _ = e2_levels(grouped[label])
-        for column, family in enumerate(families):
-            ax = axes[row][column]
-            for name, arm in grouped[label].items():
-                if arm.family != family:
-                    continue
-                medians = [_median(arm.finals(lr)) for lr in arm.lrs]
-                low = [min(arm.finals(lr)) for lr in arm.lrs]
-                high = [max(arm.finals(lr)) for lr in arm.lrs]
-                cap = base + 0.6 * (base - lowest)
-                clip = [min(v, cap) for v in medians]
-                (line,) = ax.plot(arm.lrs, clip, marker="o", label=name)
-                ax.fill_between(
-                    arm.lrs,
-                    [min(v, cap) for v in low],
-                    [min(v, cap) for v in high],
-                    color=line.get_color(),
-                    alpha=0.15,
-                )
-            ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base model (L0)")
-            ax.set_xscale("log")
-            ax.set_ylim(lowest - 0.1 * (base - lowest), base + 0.65 * (base - lowest))
-            ax.set_title(f"{FAMILY_TITLES[family]}, LoRA {label}")
-            ax.set_xlabel("learning rate")
-            ax.set_ylabel("final validation loss")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    robust_path = images / "convergence_e2_lr.png"
-    robust.savefig(robust_path)
-    curves = Figure(figsize=(6 * len(labels), 4), dpi=90, layout="constrained")
-    axes = curves.subplots(1, len(labels), squeeze=False)[0]
-    for ax, label in zip(axes, labels, strict=True):
-        base, lowest, target = e2_levels(grouped[label])
-        for name, arm in grouped[label].items():
-            finals = {lr: _median(arm.finals(lr)) for lr in arm.lrs}
-            best = min(arm.lrs, key=finals.get)
-            steps, medians = arm.curve(best)
-            ax.plot(steps, [min(v, base * 1.2) for v in medians], label=f"{name} @ {best:g}")
-        ax.axhline(target, color="gray", linestyle=":", linewidth=1, label="target")
-        ax.set_title(f"validation loss at each arm's best learning rate, LoRA {label}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation loss (median of seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    curves_path = images / "convergence_e2_steps.png"
-    curves.savefig(curves_path)
-    return [robust_path, curves_path]
-
-
-def plot_e1(grouped: dict[str, dict[str, ArmSummary]], images: Path, steps: int) -> Path:
-    images.mkdir(parents=True, exist_ok=True)
-    conditions = sorted({label.split(",")[0] for label in grouped}, key=lambda c: float(c[6:]))
-    families = list(FAMILY_TITLES)
-    figure = Figure(figsize=(12, 3.3 * len(conditions)), dpi=90, layout="constrained")
-    axes = figure.subplots(len(conditions), len(families), squeeze=False)
-    for row, condition in enumerate(conditions):
-        for column, family in enumerate(families):
-            ax = axes[row][column]
-            for label, arms in grouped.items():
-                if not label.startswith(condition + ","):
-                    continue
-                style = "-" if label.endswith("r 4") else "--"
-                for name, arm in arms.items():
-                    if arm.family != family:
-                        continue
-                    medians = [
-                        min(_median(arm.steps(lr, E1_TARGET)), steps * 1.1) for lr in arm.lrs
-                    ]
-                    ax.plot(
-                        arm.lrs, medians, style, marker="o", label=f"{name}, {label.split(', ')[1]}"
-                    )
-            ax.axhline(steps, color="gray", linewidth=1)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{FAMILY_TITLES[family]}, {condition}")
-            ax.set_xlabel("learning rate")
-            ax.set_ylabel("steps to 1e-2 (top line: not reached)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-    path = images / "convergence_e1.png"
-    figure.savefig(path)
-    return path
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -393,6 +305,7 @@ def write_report(
     write: bool,
     quick: bool,
 ) -> str:
+    from scripts import convergence_plots as plots
     from scripts.benchmark_convergence import ARMS
 
     by_name = {plan.name: plan for plan in plans}
@@ -408,17 +321,18 @@ def write_report(
     if "E1" in by_name:
         plan = by_name["E1"]
         grouped = _group(results, "E1", ARMS)
-        table, e1 = e1_tables(grouped, plan.steps)
         parts += [
             f"### E1: LoRA on a frozen 64 x 64 linear layer, rank-4 target ({plan.seeds} seeds, "
             f"full batch, no clipping, up to {plan.steps} steps)",
             "",
-            table,
-            "",
         ]
-        if write:
-            plot_e1(grouped, images, plan.steps)
-            parts += ["![E1: steps to 1e-2 by learning rate](images/convergence_e1.png)", ""]
+        e1 = {}
+        for target in E1_TARGETS:
+            table, e1[target] = e1_tables(grouped, steps=plan.steps, target=target)
+            parts += [table, ""]
+            if write:
+                image = plots.plot_e1(grouped, images, steps=plan.steps, target=target).name
+                parts += [f"![E1: steps to {target:g} by learning rate](images/{image})", ""]
     if "E2" in by_name:
         plan = by_name["E2"]
         grouped = _group(results, "E2", ARMS)
@@ -431,7 +345,7 @@ def write_report(
             "",
         ]
         if write:
-            plot_e2(grouped, images)
+            plots.plot_e2(grouped, images)
             parts += [
                 "![E2: final validation loss by learning rate](images/convergence_e2_lr.png)",
                 "",

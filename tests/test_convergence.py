@@ -39,9 +39,10 @@ def test_quick_run_writes_its_tables_and_plots(tmp_path: Path):
     assert text.startswith("# Benchmarks\n\nbefore\n")
     section = text.split("<!-- convergence:start -->")[1].split("<!-- convergence:end -->")[0]
     for arm in ARMS:
-        assert section.count(f"| {arm.name} |") == 3, arm.name  # E1 (2 tables), E2
+        assert section.count(f"| {arm.name} |") == 5, arm.name  # E1 (2 tables x 2 targets), E2
     assert "### E1" in section and "### E2" in section
-    for image in ("convergence_e1.png", "convergence_e2_lr.png", "convergence_e2_steps.png"):
+    images = ("convergence_e1_0.01.png", "convergence_e1_0.001.png", "convergence_e2_lr.png")
+    for image in (*images, "convergence_e2_steps.png"):
         assert (tmp_path / "images" / image).stat().st_size > 0
     runs = json.loads(raw.read_text(encoding="utf-8"))["results"]
     assert len(runs) == 2 * len(ARMS)
@@ -98,5 +99,5 @@ def test_e1_band_counts_adjacent_rates_that_reach_the_target():
     assert report._band(lrs, {lr: False for lr in lrs}, 0.1) == []
     assert report._decades([0.1, 1.0]) == pytest.approx(1.0)
     run = {"steps_at": [0, 1, 2, 3], "values": [1.0, 0.5, 0.009, 0.001]}
-    assert report._steps_to(run, report.E1_TARGET) == 2
+    assert report._steps_to(run, 1e-2) == 2
     assert math.isinf(report._steps_to({"steps_at": [0, 1], "values": [1.0, None]}, 0.5))
