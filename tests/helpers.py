@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,30 @@ def tiny_config(
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny base model of one family and the `model` settings its tests train it with."""
+
+    family: str
+    path: Path
+    model: dict[str, Any]
+
+    def config(self, data_path: Path, workspace: Path, **sections: dict[str, Any]) -> dict:
+        """`tiny_config` for this model; a `model` section is merged over the family's."""
+        sections = {**sections, "model": {**self.model, **sections.get("model", {})}}
+        return tiny_config(self.path, data_path, workspace, **sections)
+
+    def rebuilt(self, path: Path, *, seed: int) -> Path:
+        """Another tiny model of this family (other weights) in folder `path`."""
+        if self.family == "flux":
+            from modules.models.flux.tiny import build_tiny_flux
+
+            return build_tiny_flux(path, seed=seed)
+        from modules.models.sdxl.tiny import build_tiny_sdxl
+
+        return build_tiny_sdxl(path, seed=seed)
 
 
 def free_port() -> int:

@@ -13,10 +13,13 @@ from safetensors.torch import load_file
 
 from modules.config.loading import load_config
 from modules.data.demo_dataset import write_demo_dataset
-from modules.models.sdxl.family import masked_mse
+from modules.models.losses import masked_mse
 from modules.training.trainer import TrainingRun, train
 from tests.data_helpers import write_image, write_truncated_png
-from tests.helpers import run_cli, straight_and_resumed, tiny_config
+from tests.helpers import TinyModel, run_cli, straight_and_resumed, tiny_config
+
+# LoRA layers the default preset (attn-mlp) puts on each family's tiny model
+LAYERS = {"sdxl": 48, "flux": 34}
 
 
 @pytest.fixture
@@ -30,11 +33,10 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 
 def test_bucketed_multi_resolution_run_from_the_cli(
-    tiny_sdxl_path: Path, mixed_folder: Path, tmp_path: Path
+    tiny_model: TinyModel, mixed_folder: Path, tmp_path: Path
 ) -> None:
     write_truncated_png(mixed_folder / "broken.png")
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         mixed_folder,
         tmp_path / "ws",
         data={
@@ -55,7 +57,8 @@ def test_bucketed_multi_resolution_run_from_the_cli(
     assert f"  skipped {mixed_folder / 'broken.png'}: truncated: image file is truncated" in lines
     assert "  buckets at 128 px: 64x192: 2, 128x128: 2, 192x64: 2" in lines
     assert "  buckets at 64 px: 64x64: 6" in lines
-    assert any(line.startswith("training 48 LoRA layers for 3 steps") for line in lines)
+    layers = LAYERS[tiny_model.family]
+    assert any(line.startswith(f"training {layers} LoRA layers for 3 steps") for line in lines)
     assert (tmp_path / "ws" / "test-lora.safetensors").is_file()
 
 
@@ -97,11 +100,11 @@ def test_workers_prefetch_the_same_batches(tiny_dataset_path: Path, tmp_path: Pa
 
 
 def test_files_that_go_bad_mid_run_are_skipped_and_the_run_goes_on(
-    tiny_sdxl_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_model: TinyModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = write_demo_dataset(tmp_path / "data", count=4, size=64)
     data = {"concepts": [{"path": str(folder)}], "cache_latents": False, "workers": 0}
-    raw = tiny_config(tiny_sdxl_path, folder, tmp_path / "ws", data=data)
+    raw = tiny_model.config(folder, tmp_path / "ws", data=data)
     run = TrainingRun(load_config(raw=raw | {"training": {"max_steps": 4, "batch_size": 2}}))
     (folder / "000.png").unlink()
     (folder / "001.png").write_text("replaced by something else", encoding="utf-8")
@@ -122,7 +125,7 @@ def _validation_losses(logs: Path) -> list[tuple[int, float]]:
 
 
 def test_validation_loss_is_logged_and_changes_nothing_in_training(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     held_out = write_demo_dataset(tmp_path / "held-out", count=2, size=64, seed=3)
     sections = {
@@ -130,13 +133,11 @@ def test_validation_loss_is_logged_and_changes_nothing_in_training(
         "lora": {"rank": 4, "alpha": 4, "dropout": 0.1},
         "output": {"save_dtype": "float32"},
     }
-    plain = train(
-        load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path / "a", **sections))
-    )
+    plain = train(load_config(raw=tiny_model.config(tiny_dataset_path, tmp_path / "a", **sections)))
     validation = {"concepts": [{"path": str(held_out)}], "every_n_steps": 2}
     sections["data"] = {"concepts": [{"path": str(tiny_dataset_path)}], "validation": validation}
     validated = train(
-        load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path / "b", **sections))
+        load_config(raw=tiny_model.config(tiny_dataset_path, tmp_path / "b", **sections))
     )
     a, b = load_file(plain.paths.output), load_file(validated.paths.output)
     assert all(torch.equal(a[k], b[k]) for k in a), "validation must not touch the training RNG"
@@ -145,14 +146,16 @@ def test_validation_loss_is_logged_and_changes_nothing_in_training(
     assert all(0 < loss < 10 for _, loss in losses)
 
 
-def test_masked_training_weights_the_loss_by_the_mask(tiny_sdxl_path: Path, tmp_path: Path) -> None:
+def test_masked_training_weights_the_loss_by_the_mask(
+    tiny_model: TinyModel, tmp_path: Path
+) -> None:
     folder = write_demo_dataset(tmp_path / "data", count=4, size=64)
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))  # train the left half only
     mask.save(folder / "000-mask.png")
     mask.save(folder / "002-mask.png")
     data = {"concepts": [{"path": str(folder)}], "masked_training": True, "unmasked_weight": 0}
-    run = TrainingRun(load_config(raw=tiny_config(tiny_sdxl_path, folder, tmp_path, data=data)))
+    run = TrainingRun(load_config(raw=tiny_model.config(folder, tmp_path, data=data)))
     assert f"  data.concepts.0 {folder}: 4 images, 4 per epoch, 2 with masks" in (
         run.dataset.report_lines()
     )
@@ -191,7 +194,7 @@ def test_a_dataset_without_usable_images_exits_2_before_loading_the_model(
 
 @pytest.mark.usefixtures("deterministic_kernels")
 def test_resume_is_exact_with_buckets_and_augmentations(
-    tiny_sdxl_path: Path, mixed_folder: Path, tmp_path: Path
+    tiny_model: TinyModel, mixed_folder: Path, tmp_path: Path
 ) -> None:
     """Crops, flips, tag shuffles and fractional repeats come from (seed, position) alone."""
     concept = {"path": str(mixed_folder), "shuffle_tags": True, "caption_dropout": 0.3}
@@ -207,9 +210,7 @@ def test_resume_is_exact_with_buckets_and_augmentations(
         "output": {"save_dtype": "float32"},
     }
     a, b = straight_and_resumed(
-        lambda workspace: load_config(
-            raw=tiny_config(tiny_sdxl_path, mixed_folder, workspace, **sections)
-        ),
+        lambda workspace: load_config(raw=tiny_model.config(mixed_folder, workspace, **sections)),
         tmp_path,
         stop_at=2,
     )

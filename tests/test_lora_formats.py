@@ -5,19 +5,29 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import torch
 from diffusers import StableDiffusionXLPipeline
+from pydantic import BaseModel
 
+from modules.config.loading import load_config
+from modules.config.local_paths import local_path_mark, shareable_config
+from modules.config.schema import TrainConfig
 from modules.errors import UserError
 from modules.lora.formats import build_metadata, load_lora_into, read_lora_metadata, save_lora
 from modules.lora.layers import lora_pairs
 from modules.lora.network import LoRANetwork
+from modules.models.registry import family_configs
+from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import sdxl_lora_targets
 
 PRESETS = ["attn", "attn-mlp", "full"]
@@ -37,14 +47,20 @@ def make_network(
     alpha: float = 2.0,
     seed: int = 0,
 ) -> LoRANetwork:
-    """A LoRA network on every part of `pipe`, with random non-zero A and B."""
+    """A LoRA network on every part of `pipe` with SDXL's file layouts, random non-zero A and B."""
     targets = sdxl_lora_targets(
         modules={part: getattr(pipe, part) for part in ALL_PARTS},
         train_parts=ALL_PARTS,
         layer_preset=preset,
         layer_patterns=[],
     )
-    network = LoRANetwork.inject(targets, rank=rank, alpha=alpha, dropout=0.0)
+    network = LoRANetwork.inject(
+        targets,
+        rank=rank,
+        alpha=alpha,
+        dropout=0.0,
+        layouts=sdxl_lora_layouts(pipe.unet.config),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in network.adapters.values():
@@ -245,16 +261,76 @@ def test_metadata_is_written_as_strings_and_config_round_trips(network_on, tmp_p
     assert read["modelspec.date"][:2] == "20" and "T" in read["modelspec.date"]
 
 
+def test_shareable_config_blanks_every_local_path(tmp_path: Path) -> None:
+    """What a LoRA's metadata embeds: the settings, without the user's folders; a Hugging Face
+    repo id is not a folder and stays."""
+    data, held_out = tmp_path / "alice" / "photos", tmp_path / "alice" / "held_out"
+    data.mkdir(parents=True)
+    raw = {
+        "model": {"base_model": "stabilityai/stable-diffusion-xl-base-1.0"},
+        "lora": {"rank": 8, "init_from": str(tmp_path / "alice" / "old.safetensors")},
+        "data": {
+            "concepts": [{"path": str(data), "repeats": 3}, {"path": "relative/set"}],
+            "cache_dir": "~/cache",
+            "validation": {"concepts": [{"path": str(held_out)}]},
+        },
+        "output": {
+            "workspace_dir": str(tmp_path / "alice" / "run"),
+            "output_path": "x.safetensors",
+        },
+    }
+    shared = shareable_config(load_config(raw=raw))
+    assert "alice" not in json.dumps(shared)
+    assert shared["model"]["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert [c["path"] for c in shared["data"]["concepts"]] == ["", ""]
+    assert shared["data"]["concepts"][0]["repeats"] == 3 and shared["lora"]["rank"] == 8
+    assert shared["data"]["validation"]["concepts"][0]["path"] == ""
+    assert shared["data"]["cache_dir"] == shared["output"]["output_path"] == ""
+    (tmp_path / "org" / "model").mkdir(parents=True)  # a local folder shaped like a repo id
+    raw["model"]["base_model"] = "org/model"
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert shareable_config(load_config(raw=raw))["model"]["base_model"] == ""
+    finally:
+        os.chdir(cwd)
+
+
+def _config_fields(section: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, info in section.model_fields.items():
+        yield prefix + name, info
+        for arg in (info.annotation, *typing.get_args(info.annotation)):
+            for inner in (arg, *typing.get_args(arg)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    yield from _config_fields(inner, f"{prefix}{name}.")
+
+
+def test_every_field_naming_a_file_or_folder_is_a_local_path() -> None:
+    """A new path option declared as plain `str` would leak into shared LoRAs: caught here."""
+    fields = dict(_config_fields(TrainConfig))
+    for family in family_configs():
+        fields |= dict(_config_fields(family, f"model({family.__name__})."))
+    named_like_paths = {
+        key
+        for key, info in fields.items()
+        if re.search(r"(path|_dir|folder|file|base_model|init_from)$|single_file", key)
+        and info.annotation is not bool
+    }
+    local = {key for key, info in fields.items() if local_path_mark(info)}
+    assert named_like_paths, "the search found nothing: the schema walk is broken"
+    assert named_like_paths <= local, named_like_paths - local
+
+
 def test_default_save_is_fp16_with_scalar_alpha(network_on, tmp_path: Path) -> None:
     network = network_on(preset="attn")
     file = tmp_path / "lora.safetensors"
     save_lora(network, file, layout="kohya", metadata={})
     tensors = safetensors.torch.load_file(file)
-    assert set(tensors) == set(network.adapters.state_dict())
-    name = next(iter(network.adapters))
-    assert tensors[f"{name}.lora_down.weight"].dtype == torch.float16
-    assert tensors[f"{name}.alpha"].shape == ()
-    assert tensors[f"{name}.alpha"].item() == 2.0
+    assert len(tensors) == len(network.adapters.state_dict())
+    stem = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"  # SGM name
+    assert tensors[f"{stem}.lora_down.weight"].dtype == torch.float16
+    assert tensors[f"{stem}.alpha"].shape == ()
+    assert tensors[f"{stem}.alpha"].item() == 2.0
 
 
 # --- loading back into the trainer ----------------------------------------------------------------
@@ -369,7 +445,7 @@ def test_file_of_another_layer_preset_is_refused(layout: str, network_on, tmp_pa
 
     with pytest.raises(UserError) as excinfo:
         load_lora_into(network_on(preset="full"), attn_file)
-    assert "has no key '" in _one_line_user_error(excinfo, attn_file)
+    assert "has no weights for LoRA layer '" in _one_line_user_error(excinfo, attn_file)
 
 
 def test_non_safetensors_file_is_refused_without_unpickling(network_on, tmp_path: Path) -> None:

@@ -12,17 +12,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modules.config.loading import load_config
+from modules.config.local_paths import shareable_config
 from modules.errors import RunError, UserError
 from modules.training.trainer import TrainingRun, train
-from tests.helpers import StopAtStep, tiny_config
+from tests.helpers import StopAtStep, TinyModel, tiny_config
+
+# What the saved files of each family's tiny model say about their base model
+IDENTITY = {
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "flux": ("flux1", "flux-1-dev/lora"),
+}
 
 
 def test_lora_overfits_one_batch(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     """Same batch, noise and timesteps every step: the LoRA must fit it (loss at least halves)."""
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         lora={"rank": 8, "alpha": 8, "layer_preset": "full"},
@@ -47,7 +53,7 @@ def _final_weights(workspace: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("deterministic_kernels")
-def test_resume_is_exact(tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path) -> None:
+def test_resume_is_exact(tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path) -> None:
     """Stopped at step 3 and resumed ends with the same weights as an uninterrupted run."""
     sections = {
         "lora": {"rank": 4, "alpha": 2, "dropout": 0.1},
@@ -58,10 +64,10 @@ def test_resume_is_exact(tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path
         "output": {"save_dtype": "float32"},
     }
     straight = tmp_path / "straight"
-    train(load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, straight, **sections)))
+    train(load_config(raw=tiny_model.config(tiny_dataset_path, straight, **sections)))
 
     stopped = tmp_path / "stopped"
-    config = load_config(raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, stopped, **sections))
+    config = load_config(raw=tiny_model.config(tiny_dataset_path, stopped, **sections))
     run = TrainingRun(config)
     result = run.run(StopAtStep(run, 3))
     assert result.interrupted and result.steps == 3
@@ -78,18 +84,28 @@ def test_resume_is_exact(tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path
 
 
 def test_saved_lora_carries_resolved_config(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
     config = load_config(
-        raw=tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path),
+        raw=tiny_model.config(tiny_dataset_path, tmp_path),
         overrides=["training.max_steps=1"],
     )
     result = train(config)
     with safe_open(result.paths.output, "pt") as handle:
         metadata = handle.metadata()
-    assert json.loads(metadata["geodesic.config"]) == config.model_dump(mode="json")
+    # the training settings travel with the file, the user's folders only in the workspace
+    embedded = json.loads(metadata["geodesic.config"])
+    assert embedded == shareable_config(config)
+    assert embedded["data"]["concepts"][0]["path"] == embedded["model"]["base_model"] == ""
+    assert embedded["lora"] == config.lora.model_dump(mode="json")
+    for folder in (tiny_model.path, tiny_dataset_path, tmp_path):
+        assert str(folder) not in json.dumps(metadata)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["data"]["concepts"][0]["path"] == str(tiny_dataset_path)
     assert metadata["ss_network_dim"] == "4"
-    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    version, architecture = IDENTITY[tiny_model.family]
+    assert metadata["ss_base_model_version"] == version
+    assert metadata["modelspec.architecture"] == architecture
     assert (tmp_path / "config.json").is_file()
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
@@ -222,10 +238,9 @@ def test_text_encoder_lora_and_v_prediction_with_min_snr(
 
 
 def test_bf16_mixed_precision_runs_on_cpu(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    raw = tiny_config(
-        tiny_sdxl_path,
+    raw = tiny_model.config(
         tiny_dataset_path,
         tmp_path,
         training={"max_steps": 2, "mixed_precision": "bf16"},
@@ -235,47 +250,71 @@ def test_bf16_mixed_precision_runs_on_cpu(
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+@pytest.mark.parametrize(
+    ("tiny_model", "layout"),
+    [
+        ("sdxl", "kohya"),
+        ("sdxl", "diffusers"),
+        ("flux", "kohya"),
+        ("flux", "comfyui"),
+        ("flux", "diffusers"),
+    ],
+    indirect=["tiny_model"],
+)
 def test_continue_training_from_a_saved_lora(
-    layout: str, tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+    layout: str, tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    first = tiny_config(
-        tiny_sdxl_path,
+    first = tiny_model.config(
         tiny_dataset_path,
         tmp_path / "first",
         training={"max_steps": 2},
         output={"format": layout, "save_dtype": "float32"},
     )
     saved = train(load_config(raw=first)).paths.output
-    second = tiny_config(
-        tiny_sdxl_path, tiny_dataset_path, tmp_path / "second", lora={"init_from": str(saved)}
+    second = tiny_model.config(
+        tiny_dataset_path,
+        tmp_path / "second",
+        lora={"init_from": str(saved)},
+        training={"max_steps": 1},
     )
     run = TrainingRun(load_config(raw=second))
     reference = TrainingRun(load_config(raw=first))
     from modules.lora.formats import load_lora_into
 
-    load_lora_into(reference.network, saved)
+    assert load_lora_into(reference.network, saved) == layout
+    loaded = {}
     for name, adapter in run.network.adapters.items():
         expected = reference.network.adapters[name].merged_delta_weight()
-        torch.testing.assert_close(adapter.merged_delta_weight(), expected, rtol=1e-5, atol=1e-7)
-    assert any(a.lora_up.weight.abs().max() > 0 for a in run.network.adapters.values())
+        loaded[name] = adapter.merged_delta_weight().detach().clone()
+        torch.testing.assert_close(loaded[name], expected, rtol=1e-5, atol=1e-7)
+    assert any(delta.abs().max() > 0 for delta in loaded.values())
+    result = run.run()  # and training goes on from there
+    assert result.steps == 1 and not result.interrupted
+    moved = [
+        not torch.equal(adapter.merged_delta_weight(), loaded[name])
+        for name, adapter in run.network.adapters.items()
+    ]
+    assert all(moved)
 
 
-def test_continue_from_a_lora_of_another_rank_names_the_key(
-    tiny_sdxl_path: Path, tiny_dataset_path: Path, tmp_path: Path
+def test_continue_from_a_lora_of_another_rank_keeps_the_files_rank(
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
 ) -> None:
-    first = tiny_config(
-        tiny_sdxl_path, tiny_dataset_path, tmp_path / "a", training={"max_steps": 1}
-    )
+    """A LoRA's rank is its own: continuing it trains on at that rank (lora.rank is for new
+    layers), and the saved file says so."""
+    first = tiny_model.config(tiny_dataset_path, tmp_path / "a", training={"max_steps": 1})
     saved = train(load_config(raw=first)).paths.output
-    second = tiny_config(
-        tiny_sdxl_path,
+    second = tiny_model.config(
         tiny_dataset_path,
         tmp_path / "b",
         lora={"rank": 8, "alpha": 8, "init_from": str(saved)},
+        training={"max_steps": 1},
     )
-    with pytest.raises(UserError, match=r"key 'lora_unet_.*' has shape .*rank"):
-        TrainingRun(load_config(raw=second))
+    result = train(load_config(raw=second))
+    with safe_open(result.paths.output, "pt") as handle:
+        assert handle.metadata()["ss_network_dim"] == "4"
+    before, after = load_file(saved), load_file(result.paths.output)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
 
 
 def test_bad_optimizer_extra_kwargs_is_a_user_error(

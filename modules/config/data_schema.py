@@ -12,12 +12,13 @@ from PIL import ImageColor
 from pydantic import Field, field_validator
 
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath
 
 
 class ConceptConfig(Section):
     """One folder of training images and how its captions are built."""
 
-    path: str = option("", help="Folder of training images.", tab="data", label="Folder")
+    path: LocalPath = option("", help="Folder of training images.", tab="data", label="Folder")
     recursive: bool = option(
         False, help="Also take images from sub-folders.", tab="data", label="Include sub-folders"
     )
@@ -263,7 +264,7 @@ class DataConfig(Section):
         label="Offload encoders after caching",
         advanced=True,
     )
-    cache_dir: str = option(
+    cache_dir: LocalPath = option(
         "",
         help="Folder for the latent and text caches; empty means <workspace>/cache. Runs that "
         "share it share cached entries.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath
 
 
 class LoRAConfig(Section):
@@ -36,11 +37,14 @@ class LoRAConfig(Section):
     layer_preset: Literal["attn", "attn-mlp", "full"] = option(
         "attn-mlp",
         help="Which layers of the denoiser (SDXL's UNet, Flux's transformer) get LoRA; the names "
-        "mean the same in every family. attn = the attention projections; attn-mlp = attention "
-        "and feed-forward layers, the set sd-scripts trains by default (for SDXL every Linear "
-        "of the transformer blocks, proj_in/proj_out included); full = every layer a LoRA can "
-        "adapt (SDXL adds the ResNet convolutions, time projections and resamplers; Flux adds "
-        "the modulation and the embedders). Text encoders take their attention and MLP layers.",
+        "mean the same in every family. attn = the attention projections (Flux: q/k/v and "
+        "outputs of the double blocks, q/k/v of the single blocks); attn-mlp = attention and "
+        "feed-forward layers (SDXL: every Linear of the transformer blocks, proj_in/proj_out "
+        "included, the set sd-scripts trains by default; Flux: adds the MLPs and the single "
+        "blocks' fused output projection, which is sd-scripts' default without the blocks' "
+        "modulation); full = every layer a LoRA can adapt (SDXL adds the ResNet convolutions, "
+        "time projections and resamplers; Flux adds the blocks' modulation, the embedders and "
+        "the final layer). Text encoders take their attention and MLP layers.",
         tab="lora",
         label="Layer preset",
     )
@@ -52,10 +56,13 @@ class LoRAConfig(Section):
         label="Layer patterns",
         advanced=True,
     )
-    init_from: str = option(
+    init_from: LocalPath = option(
         "",
-        help="An existing LoRA .safetensors (kohya or diffusers layout) to continue training "
-        "from; its rank and layers must match this config.",
+        help="A LoRA .safetensors to continue training from: one of ours, or an SDXL LoRA from "
+        "sd-scripts, ai-toolkit, OneTrainer or diffusers' training scripts. Training continues "
+        "on exactly the file's layers at the file's ranks; layer_preset, layer_patterns and rank "
+        "apply only to trained parts the file has no layers for, and a part the file has layers "
+        "of must be trained (model.<part>.train).",
         tab="lora",
         label="Continue from LoRA",
     )

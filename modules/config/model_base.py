@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath, LocalPathOrRepoId
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -94,17 +95,18 @@ class FamilyModelConfig(Section):
     lora_formats: ClassVar[tuple[str, ...]] = ("kohya", "diffusers")
 
     family: str
-    base_model: str = option(
+    base_model: LocalPathOrRepoId = option(
         "",
         help="Base model: a local diffusers folder, a Hugging Face repo id (online only), or a "
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
         tab="model",
         label="Base model",
     )
-    single_file_config: str = option(
+    single_file_config: LocalPath = option(
         "",
         help="For single-file checkpoints: a local diffusers folder of the same architecture "
-        "whose configs, tokenizers and missing parts are used (needed offline).",
+        "whose configs, tokenizers and missing parts are used (SDXL: needed offline; Flux: "
+        "always, its single files hold only the transformer; online a repo id works too).",
         tab="model",
         label="Single-file config folder",
         advanced=True,
@@ -134,6 +136,22 @@ class FamilyModelConfig(Section):
         return any(
             spec.text_encoder and self.parts()[spec.name].train for spec in self.part_specs()
         )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _part_defaults(cls, data: Any) -> Any:
+        """A part given only in part (`"text_encoder": {"weight_dtype": "bfloat16"}`) keeps its
+        declared defaults for the rest, not ModelPartConfig's: `train` stays false for a text
+        encoder instead of turning on."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, info in cls.model_fields.items():
+            given = data.get(name)
+            if isinstance(given, dict) and part_spec(name, info) is not None:
+                declared = info.default_factory().model_dump()
+                merged[name] = {**declared, **given}
+        return merged
 
     @model_validator(mode="after")
     def _parts_valid(self) -> FamilyModelConfig:

@@ -14,6 +14,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from modules.config.data_schema import DataConfig
 from modules.config.fields import Section, option
+from modules.config.local_paths import LocalPath
 from modules.config.lora_schema import LoRAConfig
 from modules.config.model_base import Dtype
 from modules.models.registry import DEFAULT_FAMILY, FAMILIES
@@ -183,7 +184,12 @@ class SamplingConfig(Section):
         25, help="Denoising steps per sample.", tab="sampling", label="Sampler steps", ge=1, le=1000
     )
     cfg_scale: float = option(
-        7.0, help="Classifier-free guidance scale.", tab="sampling", label="CFG scale", ge=0
+        7.0,
+        help="Classifier-free guidance scale (SDXL). For Flux.1 [dev] it is the embedded "
+        "guidance instead (3.5 is usual); [schnell] ignores it.",
+        tab="sampling",
+        label="CFG scale",
+        ge=0,
     )
     seed: int = option(
         1,
@@ -224,13 +230,13 @@ class BackupConfig(Section):
 
 
 class OutputConfig(Section):
-    workspace_dir: str = option(
+    workspace_dir: LocalPath = option(
         "workspace/run",
         help="Folder for backups, samples, logs and the saved config.",
         tab="backup",
         label="Workspace",
     )
-    output_path: str = option(
+    output_path: LocalPath = option(
         "",
         help="Where the final LoRA goes; empty means <workspace>/<name>.safetensors.",
         tab="backup",
@@ -243,13 +249,16 @@ class OutputConfig(Section):
         label="Name",
         min_length=1,
     )
-    format: Literal["kohya", "diffusers"] = option(
+    format: Literal["kohya", "diffusers", "comfyui"] = option(
         "kohya",
-        help="kohya: the layout A1111, Forge, ComfyUI and diffusers all load (lora_down / "
-        "lora_up / alpha keys); diffusers: the PEFT layout (lora_A / lora_B keys), which only "
-        "diffusers loads. See the README's compatibility table.",
+        help="kohya (default): lora_down / lora_up / alpha keys with the original model's layer "
+        "names (SDXL: the original UNet's blocks; Flux: BFL's, q/k/v fused), the layout A1111, "
+        "Forge, ComfyUI, sd-scripts and diffusers all load. diffusers: the diffusers/PEFT layout "
+        "(lora_A / lora_B keys), which only diffusers loads; A1111, Forge and ComfyUI miss its "
+        "layers. comfyui (Flux only): ComfyUI's own diffusion_model.* keys. See the README's "
+        "compatibility table.",
         tab="backup",
-        label="Output format",
+        label="File layout (diffusers/PEFT: diffusers only)",
     )
     save_dtype: Dtype = option(
         "float16",

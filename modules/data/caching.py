@@ -241,5 +241,7 @@ def build_caches(
 def encoder_ids(family: ModelFamily, model: nn.Module, *, mixed_precision: str) -> tuple[str, str]:
     """Fingerprints of the VAE and of the text encoders (with the autocast they run under)."""
     latent = fingerprint([family.latent_encoder(model)], extra=f"{family.name}/latent")
-    text = fingerprint(family.text_encoders(model), extra=f"{family.name}/text/{mixed_precision}")
+    settings = family.text_cache_key(model)
+    extra = f"{family.name}/text/{mixed_precision}" + (f"/{settings}" if settings else "")
+    text = fingerprint(family.text_encoders(model), extra=extra)
     return latent, text

@@ -1,12 +1,7 @@
-"""Reading and writing LoRA files in the layouts other tools load.
+"""LoRA files on disk: writing a network in a layout, reading any file, loading it into a network.
 
-A layout (`LoRALayout`) turns a network's adapters into file tensors and back. The two generic
-ones live here: kohya (`<adapter name>.lora_down.weight`, `.lora_up.weight`, scalar `.alpha`),
-which A1111, Forge, ComfyUI and diffusers read, and diffusers/PEFT (`<part>.<module
-path>.lora_A.weight` / `.lora_B.weight`) with no alpha key, so the alpha / rank scale is folded
-into lora_B. A family whose tools expect other names or fused layers supplies its own layouts
-(`ModelFamily.lora_layouts`), and the network carries them. Everything else is done here once:
-safetensors I/O, metadata, atomic writes, and every check on a file before it changes the
+The layouts themselves (how keys name layers) are in layouts.py; everything else is done here
+once: safetensors I/O, metadata, atomic writes, and every check on a file before it changes the
 network. Only safetensors is read or written: a LoRA file from the internet must never be
 unpickled.
 """
@@ -14,11 +9,10 @@ unpickled.
 from __future__ import annotations
 
 import datetime
-import json
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import safetensors
 import safetensors.torch
@@ -26,46 +20,21 @@ import torch
 
 from modules.errors import UserError
 from modules.lora.layers import LoRAModule
+from modules.lora.layouts import GENERIC_LAYOUTS, KOHYA_ALPHA, AdapterWeights, LoRALayout
 from modules.lora.network import LoRANetwork
 from modules.util.atomic import atomic_write
 
-KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-_KOHYA_SUFFIXES = (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA)
-PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
-
-
-@dataclass(frozen=True)
-class AdapterWeights:
-    """One adapter's weights as a file holds them, shaped like the adapter's own factors."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: torch.Tensor | None  # None: `up` already carries the whole alpha / rank scale
-    keys: tuple[str, str]  # the file keys down and up came from, for messages
-
-
-class LoRALayout(Protocol):
-    """How one file layout names (and possibly fuses) a network's adapters."""
-
-    name: str
-
-    def recognises(self, keys: Collection[str]) -> bool:
-        """Whether a file with these keys is in this layout."""
-
-    def encode(self, network: LoRANetwork, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The file's tensors (CPU, contiguous, owned copies; None keeps each tensor's dtype)."""
-
-    def decode(
-        self,
-        network: LoRANetwork,
-        tensors: Mapping[str, torch.Tensor],
-        metadata: Mapping[str, str],
-        *,
-        path: Path,
-    ) -> dict[str, AdapterWeights]:
-        """Adapter name -> its weights, for every adapter of `network`; a key that matches no
-        adapter, or an adapter the file lacks, is a UserError (`unknown_key_error`,
-        `missing_key_error`)."""
+# Keys of adapters that are not a plain LoRA: continuing one as a LoRA would drop or misread
+# weights, so such a file is refused by name.
+_OTHER_ADAPTERS = (
+    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), "LyCORIS LoHa"),
+    (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), "LyCORIS LoKr"),
+    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with Tucker decomposition"),
+    (re.compile(r"\.oft_(blocks|diag)$"), "OFT"),
+    (re.compile(r"\.diff(_b)?$"), "full weight difference"),
+    (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.weight)?)$"), "DoRA"),
+    (re.compile(r"^bundle_emb\."), "bundled textual-inversion embedding"),
+)
 
 
 def unknown_key_error(path: Path, key: str) -> UserError:
@@ -73,147 +42,6 @@ def unknown_key_error(path: Path, key: str) -> UserError:
         f"{path}: key {key!r} matches no LoRA layer of this config; the file is for another "
         "model, or used other lora.layer_preset / layer_patterns / trained parts"
     )
-
-
-def missing_key_error(path: Path, key: str) -> UserError:
-    return UserError(
-        f"{path}: the file has no key {key!r} that this config expects; it was trained on "
-        "other layers (match lora.layer_preset / layer_patterns / trained parts)"
-    )
-
-
-def to_file(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A CPU, contiguous, owned copy in `dtype` (None: the tensor's own)."""
-    return tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous().clone()
-
-
-class KohyaLayout:
-    """`<stem>.lora_down.weight`, `.lora_up.weight` and a float32 scalar `.alpha` per adapter.
-
-    The stem is the adapter's name unless `stem` maps it to what the family's tools expect."""
-
-    name = "kohya"
-
-    def __init__(self, stem=None) -> None:
-        self._stem = stem or (lambda network, name: name)
-
-    def stems(self, network: LoRANetwork) -> dict[str, str]:
-        """File stem -> adapter name."""
-        return {self._stem(network, name): name for name in network.adapters}
-
-    def recognises(self, keys: Collection[str]) -> bool:
-        return any(key.endswith(KOHYA_DOWN) for key in keys)
-
-    def encode(self, network: LoRANetwork, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for stem, name in self.stems(network).items():
-            adapter = network.adapters[name]
-            tensors[stem + KOHYA_DOWN] = to_file(adapter.lora_down.weight, dtype)
-            tensors[stem + KOHYA_UP] = to_file(adapter.lora_up.weight, dtype)
-            # alpha stays float32: in fp16 a value such as 0.3 would change the scale.
-            tensors[stem + KOHYA_ALPHA] = to_file(adapter.alpha.float().reshape(()), None)
-        return tensors
-
-    def decode(
-        self,
-        network: LoRANetwork,
-        tensors: Mapping[str, torch.Tensor],
-        metadata: Mapping[str, str],
-        *,
-        path: Path,
-    ) -> dict[str, AdapterWeights]:
-        stems = self.stems(network)
-        for key in sorted(tensors):
-            suffix = next((end for end in _KOHYA_SUFFIXES if key.endswith(end)), None)
-            if suffix is None or key.removesuffix(suffix) not in stems:
-                raise unknown_key_error(path, key)
-        decoded = {}
-        for stem, name in stems.items():
-            down_key, up_key = stem + KOHYA_DOWN, stem + KOHYA_UP
-            for key in (down_key, up_key):
-                if key not in tensors:
-                    raise missing_key_error(path, key)
-            # kohya convention: no alpha key means alpha == rank (scale 1)
-            rank = network.adapters[name].rank
-            alpha = tensors.get(stem + KOHYA_ALPHA, torch.tensor(float(rank)))
-            if alpha.numel() != 1 or not torch.isfinite(alpha).all():
-                raise UserError(f"{path}: key {stem + KOHYA_ALPHA!r} should be one finite number")
-            decoded[name] = AdapterWeights(
-                down=tensors[down_key],
-                up=tensors[up_key],
-                alpha=alpha.reshape(()).float(),
-                keys=(down_key, up_key),
-            )
-        return decoded
-
-
-def peft_module_key(network: LoRANetwork, name: str) -> str:
-    """`<part>.<module path>` as diffusers names the layer of adapter `name`.
-
-    The path is the exported one, so CLIP layers carry the `text_model.` wrapper that kohya names
-    have: transformers 5 dropped it from CLIPTextModel (diffusers then strips it) but not from
-    CLIPTextModelWithProjection, and older loaders need it for both.
-    """
-    return f"{network.part_of[name]}.{network.export_path[name]}"
-
-
-class PeftLayout:
-    """diffusers' PEFT keys, with alpha / rank folded into lora_B (diffusers assumes alpha ==
-    rank when a file has no `lora_adapter_metadata`)."""
-
-    name = "diffusers"
-
-    def recognises(self, keys: Collection[str]) -> bool:
-        return any(key.endswith(PEFT_A) for key in keys)
-
-    def encode(self, network: LoRANetwork, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, adapter in network.adapters.items():
-            key = peft_module_key(network, name)
-            up = adapter.lora_up.weight
-            tensors[key + PEFT_A] = to_file(adapter.lora_down.weight, dtype)
-            # fold in float32, then cast
-            tensors[key + PEFT_B] = to_file(up.float() * adapter.scale, dtype or up.dtype)
-        return tensors
-
-    def decode(
-        self,
-        network: LoRANetwork,
-        tensors: Mapping[str, torch.Tensor],
-        metadata: Mapping[str, str],
-        *,
-        path: Path,
-    ) -> dict[str, AdapterWeights]:
-        modules = {peft_module_key(network, name): name for name in network.adapters}
-        # CLIP keys are accepted with or without the `text_model.` wrapper
-        aliases = {
-            key.replace(".text_model.", ".", 1): key for key in modules if ".text_model." in key
-        }
-        renamed: dict[str, torch.Tensor] = {}
-        for key in sorted(tensors):
-            suffix = next((end for end in (PEFT_A, PEFT_B) if key.endswith(end)), None)
-            module = key.removesuffix(suffix) if suffix else None
-            module = aliases.get(module, module)
-            if module not in modules:
-                raise unknown_key_error(path, key)
-            renamed[module + suffix] = tensors[key]
-        decoded = {}
-        for module, name in modules.items():
-            down_key, up_key = module + PEFT_A, module + PEFT_B
-            for key in (down_key, up_key):
-                if key not in renamed:
-                    raise missing_key_error(path, key)
-            scale = _peft_file_scale(path, metadata, network.part_of[name])
-            decoded[name] = AdapterWeights(
-                down=renamed[down_key],
-                up=renamed[up_key].float() * scale if scale != 1 else renamed[up_key],
-                alpha=None,
-                keys=(down_key, up_key),
-            )
-        return decoded
-
-
-GENERIC_LAYOUTS: tuple[LoRALayout, ...] = (KohyaLayout(), PeftLayout())
 
 
 def build_metadata(
@@ -247,6 +75,13 @@ def build_metadata(
         "modelspec.trigger_phrase": trigger_phrase,
         "geodesic.config": config_json,
     }
+
+
+def network_dim(network: LoRANetwork) -> tuple[int, float]:
+    """The (rank, alpha) most adapters have: what `ss_network_dim` / `ss_network_alpha` say of a
+    network whose layers may differ (continued from a file with its own ranks)."""
+    counts = Counter((a.rank, float(a.alpha)) for a in network.adapters.values())
+    return counts.most_common(1)[0][0]
 
 
 def layouts_of(network: LoRANetwork) -> tuple[LoRALayout, ...]:
@@ -284,17 +119,21 @@ def save_lora(
     )
 
 
+def _unreadable(path: Path, error: Exception) -> UserError:
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UserError(
+        f"{path}: not a readable .safetensors file ({message}); only safetensors LoRA files "
+        "are loaded (.ckpt/.pt/.bin are refused because they can run code)"
+    )
+
+
 def _open(path: Path):  # safetensors' handle type is private, hence no return annotation
     if not path.is_file():
         raise UserError(f"{path}: LoRA file not found")
     try:
         return safetensors.safe_open(str(path), framework="pt", device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(
-            f"{path}: not a readable .safetensors file ({message}); only safetensors LoRA files "
-            "are loaded (.ckpt/.pt/.bin are refused because they can run code)"
-        ) from None
+        raise _unreadable(path, error) from None
 
 
 def read_lora_metadata(path: str | Path) -> dict[str, str]:
@@ -303,37 +142,32 @@ def read_lora_metadata(path: str | Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file; a truncated or malformed file is a UserError, and
+    so is an adapter other than a plain LoRA (LoHa, LoKr, DoRA, ...), named."""
+    path = Path(path)
     with _open(path) as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        return tensors, dict(handle.metadata() or {})
+        try:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            metadata = dict(handle.metadata() or {})
+        except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise _unreadable(path, error) from None
+    for key in sorted(tensors):
+        kind = next((kind for mark, kind in _OTHER_ADAPTERS if mark.search(key)), None)
+        if kind is not None:
+            raise UserError(
+                f"{path}: holds {kind} weights ({key!r}), not a plain LoRA; only lora_down / "
+                "lora_up (or lora_A / lora_B) files can be continued"
+            )
+    return tensors, metadata
 
 
-def _peft_file_scale(path: Path, metadata: dict[str, str], part: str) -> float:
-    """alpha / r of a PEFT file written by diffusers' `save_lora_weights` (1 when absent).
-
-    Our diffusers files fold the scale into B, but diffusers' own trainers record `lora_alpha`
-    in the `lora_adapter_metadata` header instead, and B alone would then be off by that factor.
-    """
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: header 'lora_adapter_metadata' is not valid JSON") from None
-    if f"{part}.lora_alpha" not in config:
-        return 1.0
-    if config.get(f"{part}.alpha_pattern") or config.get(f"{part}.rank_pattern"):
-        raise UserError(f"{path}: per-layer alpha/rank patterns for {part} are not supported")
-    rank = float(config[f"{part}.r"])
-    denominator = rank**0.5 if config.get(f"{part}.use_rslora") else rank
-    return float(config[f"{part}.lora_alpha"]) / denominator
-
-
-def _detect_layout(network: LoRANetwork, path: Path, keys: list[str]) -> LoRALayout:
-    for layout in layouts_of(network):
+def detect_layout(layouts: Sequence[LoRALayout], path: Path, keys: list[str]) -> LoRALayout:
+    for layout in layouts:
         if layout.recognises(keys):
             return layout
     first = f"; first key {sorted(keys)[0]!r}" if keys else " (it holds no tensors)"
-    names = " or ".join(layout.name for layout in layouts_of(network))
+    names = " or ".join(layout.name for layout in layouts)
     raise UserError(f"{path}: not a LoRA in a layout this model reads ({names}){first}")
 
 
@@ -358,42 +192,59 @@ def _check_shape(
     )
 
 
-def load_lora_into(network: LoRANetwork, path: str | Path) -> str:
-    """Load a LoRA file in any of the network's layouts into it in place (to continue training
-    from it); returns the layout's name.
+def copy_into(network: LoRANetwork, weights: Mapping[str, AdapterWeights], path: Path) -> None:
+    """Copy decoded weights into the network's adapters in place, after checking all of them.
 
     Every check runs before anything is copied, so a bad file leaves the network untouched.
     Copying goes through `load_state_dict`, which keeps the Parameter objects (optimizer state,
     hooks) and re-links the `_lora_pair` cross-links.
     """
-    path = Path(path)
-    tensors, metadata = _read_file(path)
-    layout = _detect_layout(network, path, list(tensors))
-    decoded = layout.decode(network, tensors, metadata, path=path)
     state: dict[str, torch.Tensor] = {}
-    for name, weights in decoded.items():
+    for name, file_weights in weights.items():
         adapter: LoRAModule = network.adapters[name]
         for rank_axis, value, key, target in (
-            (0, weights.down, weights.keys[0], adapter.lora_down.weight),
-            (1, weights.up, weights.keys[1], adapter.lora_up.weight),
+            (0, file_weights.down, file_weights.keys[0], adapter.lora_down.weight),
+            (1, file_weights.up, file_weights.keys[1], adapter.lora_up.weight),
         ):
             _check_shape(path, key, value, target, rank_axis=rank_axis)
             if not value.is_floating_point() or not torch.isfinite(value).all():
                 raise UserError(f"{path}: key {key!r} holds NaN/inf or non-float values")
-        up = weights.up
-        if weights.alpha is None:  # the file's B carries the scale: keep ours, rescale B
+        up = file_weights.up
+        if file_weights.alpha is None:  # the file's B carries the scale: keep ours, rescale B
             if adapter.scale == 0:
                 raise UserError(f"{path}: lora.alpha is 0, so this file's layout cannot be loaded")
             up = up.float() * (1.0 / adapter.scale)
         else:
-            state[f"{name}.alpha"] = weights.alpha
-        state[f"{name}.lora_down.weight"] = weights.down
+            state[f"{name}.alpha"] = file_weights.alpha
+        state[f"{name}.lora_down.weight"] = file_weights.down
         state[f"{name}.lora_up.weight"] = up
     # `adapters` is keyed by adapter name (the network's own state dict adds `adapters.`).
     missing, unexpected = network.adapters.load_state_dict(state, strict=False)
-    leftover = [key for key in missing if not key.endswith(KOHYA_ALPHA)] + list(unexpected)
-    if leftover:  # the layouts cover the network exactly; this guards against drift
+    covered = {key.rpartition(".lora_")[0] for key in state if ".lora_" in key}
+    leftover = [
+        key for key in missing if key.split(".")[0] in covered and not key.endswith(KOHYA_ALPHA)
+    ] + list(unexpected)
+    if leftover:  # decoding covers the named adapters exactly; this guards against drift
         raise RuntimeError(f"internal LoRA key mismatch: {leftover[:3]}")
     for adapter in network.adapters.values():
         adapter.link_factors()
+
+
+def load_lora_into(network: LoRANetwork, path: str | Path) -> str:
+    """Load a LoRA file in any of the network's layouts into it in place; the file must hold
+    exactly the network's layers. Returns the layout's name."""
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    layout = detect_layout(layouts_of(network), path, list(tensors))
+    decoded = layout.decode(network, tensors, metadata, path=path)
+    if decoded.unknown:
+        raise unknown_key_error(path, decoded.unknown[0])
+    missing = [name for name in network.adapters if name not in decoded.weights]
+    if missing:
+        raise UserError(
+            f"{path}: the file has no weights for LoRA layer {missing[0]!r} that this config "
+            "trains; it was trained on other layers (match lora.layer_preset / layer_patterns / "
+            "trained parts)"
+        )
+    copy_into(network, decoded.weights, path)
     return layout.name

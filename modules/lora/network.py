@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,7 +13,7 @@ from modules.errors import UserError
 from modules.lora.layers import LoRAModule, UnsupportedLayerError, lora_for
 
 if TYPE_CHECKING:
-    from modules.lora.formats import LoRALayout
+    from modules.lora.layouts import LoRALayout
 
 
 @dataclass(frozen=True)
@@ -43,18 +43,19 @@ def compile_patterns(patterns: Iterable[str]) -> list[tuple[str, re.Pattern[str]
 
 
 def select_layers(
-    model: nn.Module, *, patterns: list[str], part: str
+    model: nn.Module, *, patterns: list[str] | None, part: str
 ) -> list[tuple[str, nn.Module]]:
-    """Linear/Conv2d modules whose path matches any pattern; every pattern must match something."""
-    compiled = compile_patterns(patterns)
+    """Linear/Conv2d modules whose path matches any pattern (every one when `patterns` is None);
+    every pattern must match something."""
+    compiled = compile_patterns(patterns or [])
     used: set[str] = set()
     selected = []
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         hits = [raw for raw, regex in compiled if regex.search(path)]
-        if hits:
-            used.update(hits)
+        used.update(hits)
+        if hits or patterns is None:
             selected.append((path, module))
     unmatched = [raw for raw, _ in compiled if raw not in used]
     if unmatched:
@@ -63,6 +64,40 @@ def select_layers(
             f"layer of the {part}; check lora.layer_patterns or use a layer preset"
         )
     return selected
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One layer a LoRA can go on, under the name its adapter has."""
+
+    name: str  # `<kohya prefix>_<export path with dots as underscores>`
+    part: str
+    module_path: str  # inside its part
+    export_path: str  # as kohya/diffusers files name it
+    module: nn.Module
+
+
+def target_layers(target: LoRATarget, patterns: list[str] | None) -> list[LayerRef]:
+    """The layers of `target` that `patterns` select (every Linear/Conv2d when None)."""
+    layers = []
+    for path, module in select_layers(target.model, patterns=patterns, part=target.part):
+        exported = target.kohya_path(path)
+        name = f"{target.kohya_prefix}_{exported.replace('.', '_')}"
+        layers.append(LayerRef(name, target.part, path, exported, module))
+    return layers
+
+
+class LayerCatalog:
+    """Every layer of some targets a LoRA can go on, by adapter name: what a LoRA file from
+    another trainer, which may cover any of them, is matched against."""
+
+    def __init__(self, targets: Iterable[LoRATarget]) -> None:
+        self.layers = {
+            layer.name: layer for target in targets for layer in target_layers(target, None)
+        }
+        self.part_of = {name: layer.part for name, layer in self.layers.items()}
+        self.module_path = {name: layer.module_path for name, layer in self.layers.items()}
+        self.export_path = {name: layer.export_path for name, layer in self.layers.items()}
 
 
 class LoRANetwork(nn.Module):
@@ -96,19 +131,35 @@ class LoRANetwork(nn.Module):
         layouts: Sequence[LoRALayout] = (),
     ) -> LoRANetwork:
         """Create and attach adapters on every layer selected by the patterns of each target."""
+        layers = [
+            layer for target, patterns in targets for layer in target_layers(target, patterns)
+        ]
+        return cls.on_layers(layers, rank=rank, alpha=alpha, dropout=dropout, layouts=layouts)
+
+    @classmethod
+    def on_layers(
+        cls,
+        layers: Iterable[LayerRef],
+        *,
+        rank: int | Mapping[str, int],
+        alpha: float,
+        dropout: float,
+        layouts: Sequence[LoRALayout] = (),
+    ) -> LoRANetwork:
+        """Create and attach adapters on `layers`; `rank` may give each adapter name its own."""
         adapters, part_of, module_path, export_path = [], {}, {}, {}
-        for target, patterns in targets:
-            for path, module in select_layers(target.model, patterns=patterns, part=target.part):
-                exported = target.kohya_path(path)
-                name = f"{target.kohya_prefix}_{exported.replace('.', '_')}"
-                try:
-                    adapter = lora_for(module, name=name, rank=rank, alpha=alpha, dropout=dropout)
-                except UnsupportedLayerError as error:
-                    raise UserError(f"cannot put LoRA on {target.part} layer {error}") from None
-                adapters.append(adapter)
-                part_of[name] = target.part
-                module_path[name] = path
-                export_path[name] = exported
+        for layer in layers:
+            layer_rank = rank if isinstance(rank, int) else rank[layer.name]
+            try:
+                adapter = lora_for(
+                    layer.module, name=layer.name, rank=layer_rank, alpha=alpha, dropout=dropout
+                )
+            except UnsupportedLayerError as error:
+                raise UserError(f"cannot put LoRA on {layer.part} layer {error}") from None
+            adapters.append(adapter)
+            part_of[layer.name] = layer.part
+            module_path[layer.name] = layer.module_path
+            export_path[layer.name] = layer.export_path
         network = cls(
             adapters,
             part_of=part_of,

@@ -18,7 +18,7 @@ from modules.config.model_base import FamilyModelConfig, PartSpec
 
 if TYPE_CHECKING:
     from modules.config.schema import TrainConfig
-    from modules.lora.formats import LoRALayout
+    from modules.lora.layouts import LoRALayout
     from modules.lora.network import LoRATarget
 
 
@@ -78,8 +78,9 @@ class ModelFamily(Protocol):
     def parts(self) -> list[PartSpec]:
         """The base model's parts (from `config_class`), in declaration order."""
 
-    def lora_layouts(self) -> tuple[LoRALayout, ...]:
-        """The LoRA file layouts it writes and reads, named as `config_class.lora_formats`."""
+    def lora_layouts(self, model: nn.Module) -> tuple[LoRALayout, ...]:
+        """The LoRA file layouts it writes and reads for the loaded `model`, named as
+        `config_class.lora_formats`; other trainers' names for a layer are read too."""
 
     def load(self, config: TrainConfig) -> nn.Module:
         """Load the base model parts as one module (frozen, in their weight dtypes)."""
@@ -110,6 +111,10 @@ class ModelFamily(Protocol):
 
     def encode_text(self, model: nn.Module, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs, first dimension per caption; training_loss reads Batch.text."""
+
+    def text_cache_key(self, model: nn.Module) -> str:
+        """What besides the text encoders' weights shapes encode_text's outputs (e.g. a token
+        length); it keys the text cache, so "" when nothing does."""
 
     def latent_encoder(self, model: nn.Module) -> nn.Module:
         """The module encode_latents runs (the VAE), to fingerprint and offload it."""

@@ -8,6 +8,7 @@ in modules/models.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ from tqdm.auto import tqdm
 
 from modules.config.advice import advice
 from modules.config.loading import config_to_json, save_config
+from modules.config.local_paths import shareable_config
 from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
-from modules.lora.formats import build_metadata, load_lora_into, save_lora
-from modules.lora.network import LoRANetwork
+from modules.lora.formats import build_metadata, network_dim, save_lora
+from modules.lora.init_from import network_from_file
+from modules.lora.layouts import LoRALayout
+from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_comparison, write_samples
@@ -91,6 +95,16 @@ class TrainingModel(nn.Module):
         return self._family.training_loss(
             self.base, batch, generator=generator, config=self._config
         )
+
+
+def _all_parts(config: TrainConfig) -> TrainConfig:
+    """`config` as if it trained every part that can be trained."""
+    parts = {
+        spec.name: getattr(config.model, spec.name).model_copy(update={"train": True})
+        for spec in config.model.part_specs()
+        if spec.trainable
+    }
+    return config.model_copy(update={"model": config.model.model_copy(update=parts)})
 
 
 def _every(step: int, interval: int) -> bool:
@@ -179,20 +193,46 @@ class TrainingRun:
 
     def _build_network(self) -> LoRANetwork:
         config = self.config
-        network = LoRANetwork.inject(
-            self.family.lora_targets(self.base, config),
-            rank=config.lora.rank,
-            alpha=config.lora.alpha,
-            dropout=config.lora.dropout,
-            layouts=self.family.lora_layouts(),
-        )
-        network.to(dtype=DTYPES[config.model.train_dtype])
+        targets = self.family.lora_targets(self.base, config)
+        layouts = self.family.lora_layouts(self.base)
         if config.lora.init_from:
-            load_lora_into(network, config.lora.init_from)
+            network = self._continued_network(targets, layouts)
+        else:
+            network = LoRANetwork.inject(
+                targets,
+                rank=config.lora.rank,
+                alpha=config.lora.alpha,
+                dropout=config.lora.dropout,
+                layouts=layouts,
+            )
+        network.to(dtype=DTYPES[config.model.train_dtype])
         if config.training.gradient_checkpointing:
             self.family.enable_gradient_checkpointing(self.base)
         self.base.train()
         return network
+
+    def _continued_network(
+        self, targets: list[tuple[LoRATarget, list[str]]], layouts: tuple[LoRALayout, ...]
+    ) -> LoRANetwork:
+        """The network of `lora.init_from`: the file's layers at its ranks, whichever trainer
+        wrote it, plus new layers for trained parts it has none of."""
+        config = self.config
+        # every part, so a file's layers in a part this config leaves frozen are named as such
+        every_part = self.family.lora_targets(self.base, _all_parts(config))
+        continued = network_from_file(
+            config.lora.init_from,
+            targets=targets,
+            catalog=LayerCatalog(target for target, _ in every_part),
+            layouts=layouts,
+            part_labels={spec.name: spec.label for spec in config.model.part_specs()},
+            model_name=config.model.family.upper(),
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+        )
+        if self.accelerator.is_main_process:
+            print(continued.summary, flush=True)
+        return continued.network
 
     def _param_groups(self) -> list[dict]:
         return lora_param_groups(network=self.network, config=self.config)
@@ -307,10 +347,12 @@ class TrainingRun:
         if not self.accelerator.is_main_process:
             return
         config = self.config
+        rank, alpha = network_dim(self.network)  # a continued file may bring its own
         metadata = build_metadata(
-            config_json=self.config_json,
-            rank=config.lora.rank,
-            alpha=config.lora.alpha,
+            # the training settings travel with the file; the user's folders do not
+            config_json=json.dumps(shareable_config(config)),
+            rank=rank,
+            alpha=alpha,
             base_model_version=self.family.identity.base_model_version,
             architecture=self.family.identity.architecture,
             title=config.output.name,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from modules.config.fields import option
 from modules.config.model_base import FamilyModelConfig, ModelPartConfig, model_part
@@ -10,6 +10,9 @@ from modules.config.model_base import FamilyModelConfig, ModelPartConfig, model_
 
 class FluxModelConfig(FamilyModelConfig):
     """Flux.1 [dev] or [schnell] (read from the transformer's config: dev embeds guidance)."""
+
+    # BFL names (kohya's and ComfyUI's own) and diffusers/PEFT; modules/models/flux/lora_layouts.py
+    lora_formats: ClassVar[tuple[str, ...]] = ("kohya", "comfyui", "diffusers")
 
     family: Literal["flux"] = option(
         "flux", help="Model family of the base model.", tab="model", label="Model family"
@@ -31,7 +34,7 @@ class FluxModelConfig(FamilyModelConfig):
     )
     text_encoder_2: ModelPartConfig = model_part(
         label="T5-XXL text encoder",
-        kohya_prefix="lora_te2",
+        kohya_prefix="lora_te3",  # as sd-scripts names Flux's T5 (CLIP-L is lora_te1)
         train=False,
         text_encoder=True,
         trainable=False,
@@ -42,9 +45,8 @@ class FluxModelConfig(FamilyModelConfig):
     guidance: float = option(
         1.0,
         help="Guidance value fed to a guidance-distilled model ([dev]) while training. 1.0 is "
-        "what kohya's and ai-toolkit's Flux LoRA examples train with: the LoRA learns the "
-        "images, not a guidance strength, and samples well at the usual 3-4. Ignored by "
-        "[schnell].",
+        "what kohya's sd-scripts Flux LoRA examples train with: the LoRA learns the images, "
+        "not a guidance strength, and samples well at the usual 3-4. Ignored by [schnell].",
         tab="model",
         label="Training guidance",
         ge=0,
@@ -77,9 +79,9 @@ class FluxModelConfig(FamilyModelConfig):
     )
     timestep_shift: Literal["none", "fixed", "resolution"] = option(
         "resolution",
-        help="Shift of the sampled noise levels towards noisier ones: resolution = by image "
-        "size, as Flux.1 samples (its scheduler's base and max shift); fixed = by `shift`; none "
-        "= as drawn.",
+        help="Shift of the sampled noise levels towards noisier ones: resolution = as the base "
+        "model's scheduler samples (by image size for [dev], between its base and max shift; "
+        "none for [schnell]); fixed = by `shift`; none = as drawn.",
         tab="model",
         label="Timestep shift",
     )

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.training_utils import compute_snr
 from torch import nn
 
 from modules.config.model_base import PartSpec
 from modules.config.schema import TrainConfig
-from modules.lora.formats import GENERIC_LAYOUTS, LoRALayout
+from modules.lora.layouts import LoRALayout
 from modules.lora.network import LoRATarget
 from modules.models.base import Batch, FileIdentity
+from modules.models.losses import masked_mse
 from modules.models.sdxl.config import SDXLModelConfig
+from modules.models.sdxl.keys import sdxl_lora_layouts
 from modules.models.sdxl.layers import UNET_LAYER_PRESETS, sdxl_lora_targets
 from modules.models.sdxl.loading import load_sdxl_pipeline
 from modules.util.dtypes import DTYPES
@@ -34,22 +35,6 @@ class SDXLBase(nn.Module):
         self.prediction_type = prediction_type
 
 
-def masked_mse(
-    prediction: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None, *, unmasked: float
-) -> torch.Tensor:
-    """Per-image MSE; with masks, the mean weighted by `unmasked + (1 - unmasked) * mask`.
-
-    The mask is area-averaged down to the latent grid, and dividing by the mean weight keeps
-    the loss scale independent of how much of the image a mask covers.
-    """
-    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    if masks is None:
-        return error.mean(dim=(1, 2, 3))
-    mask = F.interpolate(masks.to(error.device, torch.float32), size=error.shape[-2:], mode="area")
-    weight = unmasked + (1 - unmasked) * mask
-    return (error * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3)).clamp_min(1e-6)
-
-
 class SDXLFamily:
     name = "sdxl"
     config_class = SDXLModelConfig
@@ -63,8 +48,9 @@ class SDXLFamily:
     def parts(self) -> list[PartSpec]:
         return SDXLModelConfig.part_specs()
 
-    def lora_layouts(self) -> tuple[LoRALayout, ...]:
-        return GENERIC_LAYOUTS
+    def lora_layouts(self, model: SDXLBase) -> tuple[LoRALayout, ...]:
+        """kohya with the original (SGM) UNet names sd-scripts needs, and diffusers/PEFT."""
+        return sdxl_lora_layouts(model.unet.config)
 
     def load(self, config: TrainConfig) -> SDXLBase:
         pipe = load_sdxl_pipeline(config.model)
@@ -132,6 +118,9 @@ class SDXLFamily:
         with torch.no_grad(), torch.autocast(vae.device.type, enabled=False):
             dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
         return dist.mean, dist.std
+
+    def text_cache_key(self, model: SDXLBase) -> str:
+        return ""  # both CLIP tokenizers always pad to 77 tokens
 
     def latent_encoder(self, model: SDXLBase) -> nn.Module:
         return model.vae

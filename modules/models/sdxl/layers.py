@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from modules.lora.network import LoRATarget
+from modules.models.clip_layers import TEXT_ENCODER_PATTERNS, clip_kohya_path
 from modules.models.sdxl.config import SDXLModelConfig
 
 _ATTENTION = r"re:\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
@@ -20,14 +21,6 @@ UNET_LAYER_PRESETS: dict[str, list[str]] = {
     "attn-mlp": [_ATTENTION, _MLP_AND_PROJ],
     "full": [_ATTENTION, _MLP_AND_PROJ, _RESNETS],
 }
-
-# kohya's default text-encoder LoRA: every attention and MLP projection of the CLIP layers.
-TEXT_ENCODER_PATTERNS = [r"re:(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"]
-
-
-def clip_kohya_path(path: str) -> str:
-    """kohya keys name CLIP layers from `text_model.` (transformers 5 dropped that wrapper)."""
-    return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
 def sdxl_lora_targets(

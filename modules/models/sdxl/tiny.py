@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from modules.models.tiny_text import byte_level_clip_tokenizer, clip_text_config
 
 TEXT_HIDDEN = 32  # CLIP-L's place
 # OpenCLIP-G's place: a width of its own, as in SDXL (768 vs 1280), which diffusers' single-file
@@ -21,40 +22,19 @@ POOLED_DIM = 32
 TIME_EMBED_DIM = 8
 
 
-def _byte_level_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose vocabulary is just the 256 byte symbols (plus word ends)."""
-    symbols = sorted(ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for token in [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]:
-        vocab[token] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _text_config(*, vocab_size: int, seed_hidden: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=seed_hidden,
-        intermediate_size=2 * seed_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=POOLED_DIM,
-        hidden_act="gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-
-
 def build_tiny_sdxl(path: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny SDXL diffusers folder (UNet, 2 CLIP encoders, tokenizers, VAE, scheduler)."""
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = _byte_level_clip_tokenizer()
+    tokenizer = byte_level_clip_tokenizer()
     vocab_size = len(tokenizer)
-    text_encoder = CLIPTextModel(_text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN))
+    text_encoder = CLIPTextModel(
+        clip_text_config(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, projection_dim=POOLED_DIM)
+    )
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(vocab_size=vocab_size, seed_hidden=TEXT_HIDDEN_2)
+        clip_text_config(
+            vocab_size=vocab_size, hidden_size=TEXT_HIDDEN_2, projection_dim=POOLED_DIM
+        )
     )
     unet = UNet2DConditionModel(
         sample_size=32,
