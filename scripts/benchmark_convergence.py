@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -132,7 +133,7 @@ def plans(quick: bool) -> list[Plan]:
             [{"rank": 4}, {"rank": 32}],
             {"adamw": _grid(1e-4), "sgd": _grid(1e-2), "prodigy": _grid(1e-2)},
             seeds=3,
-            steps=80,
+            steps=40,
             every=10,
         ),
     ]
@@ -211,13 +212,16 @@ def jobs_of(plan: Plan, model: Path) -> list[dict[str, Any]]:
             "model": str(model),
         }
         for problem in plan.problems
+        for seed in range(plan.seeds)  # a run cut short still has whole seeds of every arm
         for arm in ARMS
         for lr in plan.grids[arm.family]
-        for seed in range(plan.seeds)
     ]
 
 
-def run_jobs(jobs: list[dict[str, Any]], *, workers: int) -> list[dict[str, Any]]:
+def run_jobs(
+    jobs: list[dict[str, Any]], *, workers: int, progress=lambda results: None
+) -> list[dict[str, Any]]:
+    """Every job's curve, in job order; `progress(results so far)` every 25 runs."""
     results, started = [], time.perf_counter()
     if workers <= 1:
         _start_worker(1)
@@ -236,9 +240,17 @@ def run_jobs(jobs: list[dict[str, Any]], *, workers: int) -> list[dict[str, Any]
         if index % 25 == 0 or index == len(jobs):
             elapsed = time.perf_counter() - started
             print(f"{index}/{len(jobs)} runs, {elapsed / 60:.1f} min", flush=True)
+            progress(results)
     if workers > 1:
         pool.shutdown()
     return results
+
+
+def _read_raw(path: Path) -> dict[str, dict[str, Any]]:
+    """experiment name -> its last recorded run (header, minutes, plan, results)."""
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))["experiments"]
 
 
 def main() -> int:
@@ -246,9 +258,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one setting per arm, a few steps")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--model", default=str(MODEL))
-    parser.add_argument("--only", choices=["E1", "E2"], help="run one experiment")
     parser.add_argument(
-        "--raw", help="raw curves (JSON); default workspace/benchmarks/convergence[-quick].json"
+        "--only", choices=["E1", "E2"], help="run one experiment; the report keeps the other's"
+    )
+    parser.add_argument(
+        "--raw",
+        help="raw curves of every experiment's last run (JSON); default "
+        "workspace/benchmarks/convergence[-quick].json",
     )
     parser.add_argument("--report-only", action="store_true", help="tables from --raw, no runs")
     parser.add_argument("--images", default=str(REPO / "docs" / "images"))
@@ -259,30 +275,37 @@ def main() -> int:
 
     from modules.util.machine import benchmark_header
 
-    torch.set_num_threads(1)  # as in each worker
-    header = benchmark_header("scripts/benchmark_convergence.py")  # the load before the runs
-    header += f" {args.workers} worker process(es)."
     default_raw = f"convergence{'-quick' if args.quick else ''}.json"
     raw = Path(args.raw or REPO / "workspace" / "benchmarks" / default_raw)
-    chosen = [p for p in plans(args.quick) if args.only in (None, p.name)]
-    if args.report_only:
-        recorded = json.loads(raw.read_text(encoding="utf-8"))
-        results, minutes, header = recorded["results"], recorded["minutes"], recorded["header"]
-    else:
-        started = time.perf_counter()
-        jobs = [job for plan in chosen for job in jobs_of(plan, Path(args.model))]
-        results = run_jobs(jobs, workers=args.workers)
-        minutes = (time.perf_counter() - started) / 60
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        raw.write_text(
-            json.dumps({"header": header, "minutes": minutes, "results": results}),
-            encoding="utf-8",
-        )
+    records = _read_raw(raw)
+    if not args.report_only:
+        torch.set_num_threads(1)  # as in each worker
+        header = benchmark_header("scripts/benchmark_convergence.py")  # the load before the runs
+        header += f" {args.workers} worker process(es)."
+        for plan in plans(args.quick):
+            if args.only not in (None, plan.name):
+                continue
+            started, jobs = time.perf_counter(), jobs_of(plan, Path(args.model))
+
+            def record(
+                results: list[dict[str, Any]], plan=plan, jobs=jobs, started=started
+            ) -> None:
+                """Kept after every few runs: a run stopped early still reports whole seeds."""
+                records[plan.name] = {
+                    "header": header,
+                    "minutes": (time.perf_counter() - started) / 60,
+                    "plan": dataclasses.asdict(plan),
+                    "jobs": len(jobs),
+                    "results": results,
+                }
+                raw.parent.mkdir(parents=True, exist_ok=True)
+                raw.write_text(json.dumps({"experiments": records}), encoding="utf-8")
+
+            record(run_jobs(jobs, workers=args.workers, progress=record))
+    if not records:
+        parser.error(f"no recorded runs in {raw}")
     text = report.write_report(
-        results,
-        plans=chosen,
-        header=header,
-        minutes=minutes,
+        records,
         images=Path(args.images),
         doc=Path(args.doc),
         write=not args.no_write,

@@ -104,13 +104,8 @@ def _group(results: list[dict[str, Any]], experiment: str, arms) -> dict[str, di
     for run in results:
         if run["experiment"] != experiment:
             continue
-        problem = run["problem"]
-        label = (
-            f"kappa {problem['condition']:g}, r {problem['rank']}"
-            if experiment == "E1"
-            else f"rank {problem['rank']}"
-        )
-        labels[label] = problem
+        label = _problem_label(run)
+        labels[label] = run["problem"]
         grouped[label][run["arm"]].append(run)
     family = {arm.name: arm.family for arm in arms}
     return {
@@ -294,52 +289,88 @@ def goal_lines(e1: dict, e2: dict) -> list[str]:
 # -- the report -------------------------------------------------------------------------------------
 
 
+def _problem_label(run: dict[str, Any]) -> str:
+    problem = run["problem"]
+    if run["experiment"] == "E1":
+        return f"kappa {problem['condition']:g}, r {problem['rank']}"
+    return f"rank {problem['rank']}"
+
+
+def _finished(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of the (problem, seed) blocks that every arm and learning rate finished (all of
+    them for a complete run)."""
+    results = record["results"]
+    if len(results) >= record.get("jobs", len(results)):
+        return results
+    blocks: dict[tuple[str, int], list] = defaultdict(list)
+    for run in results:
+        blocks[(_problem_label(run), run["seed"])].append(run)
+    size = max(len(block) for block in blocks.values())
+    return [run for block in blocks.values() if len(block) == size for run in block]
+
+
+def _run_line(record: dict[str, Any]) -> str:
+    results = record["results"]
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
+    line = (
+        f"{record['header']} Run time {record['minutes']:.1f} min; the runs themselves took "
+        f"{cpu:.1f} CPU-minutes (one thread each), which the machine's other load inflates "
+        "much less than the run time."
+    )
+    planned = record.get("jobs", len(results))
+    if len(results) < planned:
+        kept = defaultdict(set)
+        for run in _finished(record):
+            kept[_problem_label(run)].add(run["seed"])
+        seeds = "; ".join(f"{label}: {len(s)} seed(s)" for label, s in kept.items())
+        line += (
+            f" **Stopped early, after {len(results)} of {planned} runs: the tables use the seeds "
+            f"that every arm and learning rate finished ({seeds or 'none'}).**"
+        )
+    return line
+
+
 def write_report(
-    results: list[dict[str, Any]],
-    *,
-    plans,
-    header: str,
-    minutes: float,
-    images: Path,
-    doc: Path,
-    write: bool,
-    quick: bool,
+    records: dict[str, dict[str, Any]], *, images: Path, doc: Path, write: bool, quick: bool
 ) -> str:
+    """The section from each experiment's last recorded run (`header`, `minutes`, `plan`,
+    `results`); the goals need both experiments."""
     from scripts import convergence_plots as plots
     from scripts.benchmark_convergence import ARMS
 
-    by_name = {plan.name: plan for plan in plans}
     parts = [
         "## Convergence: does the preconditioner help? (`scripts/benchmark_convergence.py`)",
         "",
-        f"{header} Run time {minutes:.1f} min; the runs themselves took "
-        f"{sum(r.get('cpu_seconds', 0.0) for r in results) / 60:.1f} CPU-minutes (one thread "
-        "each), which is what the machine's other load cannot inflate much.",
+        *__doc__.split("\n\n", 1)[1].strip().splitlines(),
         "",
     ]
     e1 = e2 = {}
-    if "E1" in by_name:
-        plan = by_name["E1"]
-        grouped = _group(results, "E1", ARMS)
+    if "E1" in records:
+        record, plan = records["E1"], records["E1"]["plan"]
+        grouped = _group(_finished(record), "E1", ARMS)
         parts += [
-            f"### E1: LoRA on a frozen 64 x 64 linear layer, rank-4 target ({plan.seeds} seeds, "
-            f"full batch, no clipping, up to {plan.steps} steps)",
+            f"### E1: LoRA on a frozen 64 x 64 linear layer, rank-4 target ({plan['seeds']} "
+            f"seeds, full batch, no weight decay, no clipping, up to {plan['steps']} steps)",
+            "",
+            _run_line(record),
             "",
         ]
         e1 = {}
         for target in E1_TARGETS:
-            table, e1[target] = e1_tables(grouped, steps=plan.steps, target=target)
+            table, e1[target] = e1_tables(grouped, steps=plan["steps"], target=target)
             parts += [table, ""]
             if write:
-                image = plots.plot_e1(grouped, images, steps=plan.steps, target=target).name
+                image = plots.plot_e1(grouped, images, steps=plan["steps"], target=target).name
                 parts += [f"![E1: steps to {target:g} by learning rate](images/{image})", ""]
-    if "E2" in by_name:
-        plan = by_name["E2"]
-        grouped = _group(results, "E2", ARMS)
+    if "E2" in records:
+        record, plan = records["E2"], records["E2"]["plan"]
+        grouped = _group(_finished(record), "E2", ARMS)
         table, e2 = e2_tables(grouped)
         parts += [
-            f"### E2: the tiny world's concept fine-tune ({plan.seeds} seeds, {plan.steps} steps "
-            f"of batch 4, validation every {plan.every} steps)",
+            f"### E2: the tiny world's concept fine-tune ({plan['seeds']} seeds, {plan['steps']} "
+            f"steps of batch 4, validation every {plan['every']} steps)",
+            "",
+            _run_line(record),
             "",
             table,
             "",

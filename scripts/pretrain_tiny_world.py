@@ -11,9 +11,13 @@ stage is skipped):
      `modules/models/sdxl/loading.py` to draw a sheet of samples (docs/images/tiny_world_base.png).
 
 Seeds fix every image, caption, noise draw and the initialisation. Pretraining takes a while on
-a CPU (docs/benchmarks.md records the command and its time); run it niced:
+a CPU; docs/benchmarks.md records the command that made resources/tiny-world-sdxl (the defaults,
+with two threads) and its time. Run it niced when the machine is shared:
 
-    nice -n 19 python scripts/pretrain_tiny_world.py
+    nice -n 19 python scripts/pretrain_tiny_world.py --threads 2
+
+Give it as many threads as cores it gets to itself: torch's threads wait for each other at every
+operation, so two threads on cores that other work keeps taking are many times slower than one.
 """
 
 from __future__ import annotations
@@ -361,7 +365,10 @@ def main() -> int:
     parser.add_argument("--sheet", default=str(REPO / "docs" / "images" / "tiny_world_base.png"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (one wastes least on a busy CPU)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads: the cores it has to itself (see above)",
     )
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument(
@@ -370,12 +377,12 @@ def main() -> int:
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
     parser.add_argument("--images", type=int, default=20000, help="denoiser training images")
-    parser.add_argument("--unet-steps", type=int, default=8000)
+    parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--sheet-every", type=int, default=1000)
+    parser.add_argument("--sheet-every", type=int, default=500)
     parser.add_argument(
         "--no-docs",
         dest="write_docs",
@@ -401,6 +408,8 @@ def main() -> int:
     _log(f"samples of the exported model: {sheet}; stages: {stages}")
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     report_benchmark(
+        "## Tiny world pretraining (`scripts/pretrain_tiny_world.py`)\n\n"
+        "![samples of the pretrained tiny world model](images/tiny_world_base.png)\n\n"
         f"{header} Wall-clock time by stage, summed over resumed runs: {stages} (total "
         f"{sum(timing.values()) / 3600:.1f} h; load average {_load()} at the end). The model: "
         f"{size / 2**20:.1f} MiB of safetensors in `{Path(args.out).relative_to(REPO)}`.",

@@ -17,16 +17,13 @@ from tests.helpers import cli_env
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_run_writes_its_tables_and_plots(tmp_path: Path):
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nbefore\n", encoding="utf-8")
-    raw = tmp_path / "raw.json"
+def _benchmark(tmp_path: Path, *args: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
             str(REPO / "scripts" / "benchmark_convergence.py"),
-            *["--quick", "--workers", "1", "--doc", str(doc), "--raw", str(raw)],
-            *["--images", str(tmp_path / "images")],
+            *["--quick", "--workers", "1", "--doc", str(tmp_path / "benchmarks.md")],
+            *["--raw", str(tmp_path / "raw.json"), "--images", str(tmp_path / "images"), *args],
         ],
         capture_output=True,
         text=True,
@@ -35,6 +32,13 @@ def test_quick_run_writes_its_tables_and_plots(tmp_path: Path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_quick_run_writes_its_tables_and_plots(tmp_path: Path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nbefore\n", encoding="utf-8")
+    raw = tmp_path / "raw.json"
+    _benchmark(tmp_path)
     text = doc.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks\n\nbefore\n")
     section = text.split("<!-- convergence:start -->")[1].split("<!-- convergence:end -->")[0]
@@ -44,7 +48,8 @@ def test_quick_run_writes_its_tables_and_plots(tmp_path: Path):
     images = ("convergence_e1_0.01.png", "convergence_e1_0.001.png", "convergence_e2_lr.png")
     for image in (*images, "convergence_e2_steps.png"):
         assert (tmp_path / "images" / image).stat().st_size > 0
-    runs = json.loads(raw.read_text(encoding="utf-8"))["results"]
+    recorded = json.loads(raw.read_text(encoding="utf-8"))["experiments"]
+    runs = recorded["E1"]["results"] + recorded["E2"]["results"]
     assert len(runs) == 2 * len(ARMS)
     # every arm of a seed starts from the same LoRA (B = 0: the same loss or error)
     for experiment in ("E1", "E2"):
@@ -55,6 +60,11 @@ def test_quick_run_writes_its_tables_and_plots(tmp_path: Path):
     assert e1["AdamW"] != e1["AdamW + Riemannian"] != e1["AdamW + AdaPreLoRA"]
     assert e1["AdamW"] != e1["LoRA+ (ratio 16)"]
     assert e1["SGD"] != e1["SGD + Riemannian"]
+    # rerunning one experiment keeps the other's last run in the report
+    _benchmark(tmp_path, "--only", "E1")
+    recorded_again = json.loads(raw.read_text(encoding="utf-8"))["experiments"]
+    assert recorded_again["E2"] == recorded["E2"]
+    assert "### E2" in doc.read_text(encoding="utf-8")
 
 
 def _run(arm: str, lr: float, seed: int, values: list[float | None], rank: int = 4) -> dict:

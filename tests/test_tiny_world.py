@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import colorsys
 import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,31 +18,11 @@ from modules.config.schema import TrainConfig
 from modules.data import tiny_world
 from modules.models.registry import get_family
 from modules.models.sdxl.tiny_world import world_tokenizer
-from tests.helpers import cli_env
+from tests import tiny_world_vision as vision
+from tests.helpers import cli_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "resources" / "tiny-world-sdxl"
-
-
-def _shape_mask(image: torch.Tensor, background: str) -> torch.Tensor:
-    """Pixels that differ clearly from the background colour."""
-    reference = torch.tensor(tiny_world.BACKGROUNDS[background])[:, None, None]
-    return (image - reference).abs().sum(0) > 0.3
-
-
-def _centroid(mask: torch.Tensor) -> tuple[float, float]:
-    """(x, y) of the mask's centre of mass in [-1, 1] image coordinates."""
-    size = mask.shape[-1]
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
-    weight = mask.float()
-    total = weight.sum()
-    return float((weight.sum(0) * coords).sum() / total), float(
-        (weight.sum(1) * coords).sum() / total
-    )
-
-
-def _hue(rgb: torch.Tensor) -> float:
-    return colorsys.rgb_to_hsv(*rgb.tolist())[0]
 
 
 def test_images_show_what_their_captions_say():
@@ -50,22 +30,16 @@ def test_images_show_what_their_captions_say():
     images = tiny_world.render(scenes)
     assert images.shape == (40, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
     for scene, image in zip(scenes, images, strict=True):
-        mask = _shape_mask(image, scene.background)
-        x, y = _centroid(mask)
+        mask = vision.shape_mask(image, scene.background)
+        x, y = vision.centroid(mask)
         want_x, want_y = tiny_world.POSITIONS[scene.position]
         assert abs(x - want_x) < 0.2 and abs(y - want_y) < 0.25, (scene, x, y)
         colour = image[:, mask].mean(1)
-        hues = {name: _hue(torch.tensor(rgb)) for name, rgb in tiny_world.COLOURS.items()}
-        nearest = min(
-            hues,
-            key=lambda name: min(
-                abs(hues[name] - _hue(colour)), 1 - abs(hues[name] - _hue(colour))
-            ),
-        )
-        assert nearest == scene.colour, (scene, colour)
+        assert vision.nearest_colour(colour) == scene.colour, (scene, colour)
+        assert vision.recognised_shape(image) == scene.shape, scene
         other_size = "small" if scene.size == "large" else "large"
         other = tiny_world.render([dataclasses.replace(scene, size=other_size)])[0]
-        ratio = mask.float().sum() / _shape_mask(other, scene.background).float().sum()
+        ratio = mask.float().sum() / vision.shape_mask(other, scene.background).float().sum()
         assert ratio > 2 if scene.size == "large" else ratio < 0.5, (scene, float(ratio))
 
 
@@ -73,9 +47,11 @@ def test_the_novel_shape_is_none_of_the_worlds_shapes():
     """Same place, size and colour: the heart's silhouette differs from each world shape's by
     a good part of its area, so a model that learned it visibly draws something new."""
     common = {"colour": "red", "size": "large", "position": "center", "background": "white"}
-    heart = _shape_mask(tiny_world.render([tiny_world.Scene(shape="heart", **common)])[0], "white")
+    heart_image = tiny_world.render([tiny_world.Scene(shape="heart", **common)])[0]
+    heart = vision.shape_mask(heart_image, "white")
+    assert vision.recognised_shape(heart_image) == "heart"
     for shape in tiny_world.WORLD_SHAPES:
-        other = _shape_mask(
+        other = vision.shape_mask(
             tiny_world.render([tiny_world.Scene(shape=shape, **common)])[0], "white"
         )
         differing = (heart ^ other).float().sum() / heart.float().sum()
@@ -149,37 +125,36 @@ def world_model():
 
 
 @pytest.mark.parametrize(
-    ("colour", "position"), [("red", "left"), ("blue", "right"), ("yellow", "top")]
+    ("shape", "colour", "background"),
+    [
+        ("circle", "red", "white"),
+        ("square", "blue", "white"),
+        ("triangle", "yellow", "black"),
+        ("diamond", "green", "gray"),
+    ],
 )
-def test_pretrained_world_model_draws_what_it_is_asked(world_model, colour, position):
-    """The loaded model (through the loader a user's model takes) puts the asked colour where
-    the prompt says, on the asked background, for several seeds."""
+def test_pretrained_world_model_draws_what_it_is_asked(world_model, shape, colour, background):
+    """The loaded model (through the loader a user's model takes) draws the asked shape in the
+    asked colour for most seeds. (Its placement and backgrounds follow the prompt only loosely,
+    and its crosses are not recognisable yet: docs/benchmarks.md, tiny world.)"""
     family, base = world_model
-    pipe = family.sampling_pipeline(base)
-    prompt = (
-        f"a large {colour} circle {tiny_world.POSITION_PHRASES[position]}, on a white background"
-    )
-    images = pipe(
-        prompt=[prompt] * 3,
+    prompt = f"a large {colour} {shape} in the center, on a {background} background"
+    images = family.sampling_pipeline(base)(
+        prompt=[prompt] * 4,
         num_inference_steps=20,
         guidance_scale=5.0,
         height=64,
         width=64,
-        generator=[torch.Generator().manual_seed(s) for s in range(3)],
+        generator=[torch.Generator().manual_seed(s) for s in range(4)],
         output_type="pt",
     ).images
-    want_x, want_y = tiny_world.POSITIONS[position]
-    hit = 0
+    seen = []
     for image in images:
-        mask = _shape_mask(image, "white")
-        if mask.float().mean() < 0.02:
-            continue
-        x, y = _centroid(mask)
-        colour_seen = image[:, mask].mean(1)
-        hue_error = abs(_hue(colour_seen) - _hue(torch.tensor(tiny_world.COLOURS[colour])))
-        if abs(x - want_x) < 0.3 and abs(y - want_y) < 0.3 and min(hue_error, 1 - hue_error) < 0.08:
-            hit += 1
-    assert hit >= 2, prompt
+        mask = vision.shape_mask(image)
+        drawn = 0.02 < mask.float().mean() < 0.5
+        colour_seen = vision.nearest_colour(image[:, mask].mean(1)) if drawn else None
+        seen.append((vision.recognised_shape(image) if drawn else None, colour_seen))
+    assert seen.count((shape, colour)) >= 2, (prompt, seen)
 
 
 def test_pretraining_script_runs_and_resumes(tmp_path: Path):
@@ -207,3 +182,48 @@ def test_pretraining_script_runs_and_resumes(tmp_path: Path):
     base = get_family("sdxl").load(config)
     assert base.vae.config.scaling_factor != 1.0
     assert Image.open(tmp_path / "sheet.png").size == (4 * 64, 8 * 64)
+
+
+def _grid_cells(path: Path, rows: int, columns: int, size: int = 64, gap: int = 4) -> list:
+    """The images of a before/after grid (modules/sampling/sampler.py's `comparison_grid`), by
+    row: the label column is whatever is left of the sheet's width."""
+    sheet = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
+    left = sheet.shape[-1] - columns * (size + gap)
+    return [
+        [
+            sheet[:, gap + r * (size + gap) :, left + c * (size + gap) :][:, :size, :size]
+            for c in range(columns)
+        ]
+        for r in range(rows)
+    ]
+
+
+def test_demo_teaches_the_novel_shape(tmp_path: Path):
+    """`make demo`'s two commands on the shipped preset: the before/after grid shows no heart
+    with the LoRA off and hearts with it on; the loss curve and the LoRA are written."""
+    env = cli_env()
+    prepared = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_demo.py"), "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    preset = json.loads((REPO / "training_presets" / "demo.json").read_text(encoding="utf-8"))
+    result = run_cli(
+        *["--config-path", str(REPO / "training_presets" / "demo.json")],
+        *["--set", f"output.workspace_dir={tmp_path / 'run'}"],
+        *["--set", f'data.concepts=[{{"path": "{tmp_path / "dataset"}"}}]'],
+        *["--set", f'data.validation.concepts=[{{"path": "{tmp_path / "validation"}"}}]'],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompts = preset["sampling"]["prompts"]
+    before, after = _grid_cells(tmp_path / "run" / "samples" / "before_after.png", 2, len(prompts))
+    shapes_before = [vision.recognised_shape(image) for image in before]
+    shapes_after = [vision.recognised_shape(image) for image in after]
+    heart = tiny_world.NOVEL_SHAPE
+    assert shapes_before.count(heart) <= 1, shapes_before
+    assert shapes_after.count(heart) >= len(prompts) - 2, shapes_after
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "run" / f"{preset['output']['name']}.safetensors").is_file()
