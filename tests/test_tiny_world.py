@@ -188,7 +188,7 @@ def test_pretraining_script_runs_and_resumes(tmp_path: Path):
 def _grid_cells(path: Path, rows: int, columns: int, size: int = 64, gap: int = 4) -> list:
     """The images of a before/after grid (modules/sampling/sampler.py's `comparison_grid`), by
     row: the label column is whatever is left of the sheet's width."""
-    sheet = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
+    sheet = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
     left = sheet.shape[-1] - columns * (size + gap)
     return [
         [
