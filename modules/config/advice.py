@@ -16,8 +16,9 @@ from modules.config.schema import TrainConfig
 
 ADAM_TYPE = ("adamw", "adamw_8bit", "prodigy")
 MEASURED_OPTIMIZERS = ("adamw", "sgd", "prodigy")  # in the convergence benchmark
-# SGD + Riemannian: the largest learning rate that converged with momentum 0.9 (E1 and E2)
-SGD_PRECONDITIONED_MAX_LR = 0.3
+# SGD + Riemannian with momentum 0.9: the largest grid learning rate that converged in both
+# experiments (the next, 1, diverged on every E1 problem; E2 diverged from 3.16)
+SGD_PRECONDITIONED_MAX_LR = 0.316
 # SGD + Riemannian: damping measured best with SGD (benchmark_damping)
 SGD_DAMPING = 0.01
 
