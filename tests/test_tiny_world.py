@@ -158,6 +158,7 @@ def test_pretrained_world_model_draws_what_it_is_asked(world_model, shape, colou
     assert seen.count((shape, colour)) >= 2, (prompt, seen)
 
 
+@pytest.mark.slow
 def test_pretraining_script_runs_and_resumes(tmp_path: Path):
     """A few steps of every stage; killed after the denoiser's second step, the rerun resumes."""
     args = [
@@ -199,6 +200,7 @@ def _grid_cells(path: Path, rows: int, columns: int, size: int = 64, gap: int = 
     ]
 
 
+@pytest.mark.slow
 def test_demo_teaches_the_novel_shape(tmp_path: Path):
     """`make demo`'s two commands on the shipped preset: the before/after grid shows no heart
     with the LoRA off and hearts with it on; the loss curve and the LoRA are written."""
