@@ -344,6 +344,12 @@ def sample_sheet(family: SDXLFamily, base: SDXLBase, path: Path, *, seeds: int =
     return path
 
 
+def _shown(path: Path) -> Path:
+    """`path` relative to the repository when it is inside it (as the docs name it)."""
+    resolved = path.resolve()
+    return resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved
+
+
 def export(base: SDXLBase, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -412,7 +418,7 @@ def main() -> int:
         "![samples of the pretrained tiny world model](images/tiny_world_base.png)\n\n"
         f"{header} Wall-clock time by stage, summed over resumed runs: {stages} (total "
         f"{sum(timing.values()) / 3600:.1f} h; load average {_load()} at the end). The model: "
-        f"{size / 2**20:.1f} MiB of safetensors in `{Path(args.out).relative_to(REPO)}`.",
+        f"{size / 2**20:.1f} MiB of safetensors in `{_shown(Path(args.out))}`.",
         section="tiny-world-pretraining",
         write=args.write_docs,
     )
