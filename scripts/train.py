@@ -88,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     print(f"LoRA:    {result.paths.output}")
     print(f"samples: {result.paths.samples}")
+    if result.comparison:
+        print(f"before/after: {result.comparison}")
+    if result.loss_curve:
+        print(f"loss curve: {result.loss_curve}")
     print(f"logs:    {result.paths.logs}  (tensorboard --logdir {result.paths.logs})")
     return 0
 

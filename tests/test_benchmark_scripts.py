@@ -30,6 +30,10 @@ SMOKE_RUNS = {
         ["--steps", "5", "--turn", "2", "--warmup", "1", "--threads", "1", "--no-write"],
         "| AdaPreLoRA |",
     ),
+    "benchmark_convergence.py": (
+        ["--quick", "--workers", "1", "--no-write"],
+        "| LoRA+ (ratio 16) |",
+    ),
     "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),
     "benchmark_flux_memory.py": (
         ["--resolution", "256", "--no-write"],

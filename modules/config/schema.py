@@ -221,6 +221,13 @@ class SamplingConfig(Section):
     at_end: bool = option(
         True, help="Also sample when training ends.", tab="sampling", label="Sample at end"
     )
+    before_after: bool = option(
+        False,
+        help="When training ends, render every prompt with the LoRA off and on (same seeds) "
+        "into <workspace>/samples/before_after.png: what the LoRA changed, side by side.",
+        tab="sampling",
+        label="Before/after grid",
+    )
 
 
 class BackupConfig(Section):
@@ -296,6 +303,13 @@ class OutputConfig(Section):
         help="Trigger phrase written into the file's metadata.",
         tab="general",
         label="Trigger phrase",
+    )
+    loss_curve: bool = option(
+        True,
+        help="When training ends, plot the training loss (raw and smoothed) and the validation "
+        "loss by step from the run's logs into <workspace>/loss.png.",
+        tab="backup",
+        label="Loss curve PNG",
     )
 
     @field_validator("name")

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
-from modules.config.schema import OptimizerConfig, SchedulerConfig
+from modules.config.schema import OptimizerConfig, SchedulerConfig, TrainConfig
 from modules.errors import UserError
+from modules.lora.network import LoRANetwork
 
 
 def _adafactor_class() -> type[torch.optim.Optimizer]:
@@ -85,6 +86,24 @@ def optimizer_kwargs(config: OptimizerConfig) -> dict[str, Any]:
     return {**kwargs, **config.extra_kwargs}
 
 
+def lora_param_groups(*, network: LoRANetwork, config: TrainConfig) -> list[dict[str, Any]]:
+    """One group per model part; with LoRA+ each part splits into its A and its B factors."""
+    groups = []
+    ratio = config.lora.loraplus_ratio
+    settings = config.model.parts()
+    for part in network.parts():
+        lr = settings[part].learning_rate or config.optimizer.learning_rate
+        params = network.parameters_of(part)
+        if ratio == 1:
+            groups.append({"params": params, "lr": lr, "name": part})
+            continue
+        up = [b for _, b in network.pairs(part)]
+        down = [p for p in params if all(p is not b for b in up)]
+        groups.append({"params": down, "lr": lr, "name": part})
+        groups.append({"params": up, "lr": lr * ratio, "name": f"{part}_up"})
+    return groups
+
+
 def create_optimizer(
     config: OptimizerConfig, groups: list[dict[str, Any]]
 ) -> torch.optim.Optimizer:
@@ -127,8 +146,10 @@ def _rejected(config: OptimizerConfig, error: BaseException) -> UserError:
 def create_scheduler(
     config: SchedulerConfig, optimizer: torch.optim.Optimizer, *, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
+    # diffusers' "constant" ignores num_warmup_steps; its warm-up variant is the same schedule
+    name = "constant_with_warmup" if config.name == "constant" else config.name
     return get_scheduler(
-        config.name,
+        name,
         optimizer=optimizer,
         num_warmup_steps=config.warmup_steps,
         num_training_steps=total_steps,

@@ -7,6 +7,7 @@ in modules/models.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
 
+from modules.config.advice import advice
 from modules.config.loading import config_to_json, save_config
 from modules.config.local_paths import shareable_config
 from modules.config.schema import TrainConfig
@@ -31,7 +33,7 @@ from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
 from modules.models.base import Batch, ModelFamily
 from modules.models.placement import to_device_except
 from modules.models.registry import get_family
-from modules.sampling.sampler import write_samples
+from modules.sampling.sampler import write_comparison, write_samples
 from modules.training import events, nonfinite
 from modules.training.backup import (
     Progress,
@@ -43,11 +45,13 @@ from modules.training.backup import (
     write_backup,
 )
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
+from modules.training.loss_curve import write_loss_curve
 from modules.training.memory import memory_estimate
 from modules.training.optimizers import (
     check_optimizer,
     create_optimizer,
     create_scheduler,
+    lora_param_groups,
     optimizer_kwargs,
 )
 from modules.training.preconditioning import attach_preconditioner
@@ -67,6 +71,8 @@ class RunPaths:
     output: Path
     samples: Path
     logs: Path
+    comparison: Path  # sampling.before_after
+    loss_curve: Path  # output.loss_curve
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> RunPaths:
@@ -77,6 +83,8 @@ class RunPaths:
             output=Path(config.output.output_path or default_output).expanduser(),
             samples=workspace / "samples",
             logs=workspace / "logs",
+            comparison=workspace / "samples" / "before_after.png",
+            loss_curve=workspace / "loss.png",
         )
 
 
@@ -86,6 +94,8 @@ class RunResult:
     steps: int
     interrupted: bool
     last_backup: Path | None
+    comparison: Path | None = None  # the before/after grid, when written
+    loss_curve: Path | None = None  # the loss curve PNG, when written
 
 
 class TrainingModel(nn.Module):
@@ -173,6 +183,7 @@ class TrainingRun:
                 on_event(events.Notice(line))
             for line in resume_plan.notes if resume_plan else []:
                 log.info("%s", line)
+            self._say(*(f"advice: {line}" for line in advice(config)))
         self.data = self.dataset.shard(
             batch_size=config.training.batch_size,
             seed=config.training.seed,
@@ -285,21 +296,7 @@ class TrainingRun:
         return continued.network
 
     def _param_groups(self) -> list[dict]:
-        """One group per model part; with LoRA+ each part splits into its A and its B factors."""
-        groups = []
-        ratio = self.config.lora.loraplus_ratio
-        settings = self.config.model.parts()
-        for part in self.network.parts():
-            lr = settings[part].learning_rate or self.config.optimizer.learning_rate
-            params = self.network.parameters_of(part)
-            if ratio == 1:
-                groups.append({"params": params, "lr": lr, "name": part})
-                continue
-            up = [b for _, b in self.network.pairs(part)]
-            down = [p for p in params if all(p is not b for b in up)]
-            groups.append({"params": down, "lr": lr, "name": part})
-            groups.append({"params": up, "lr": lr * ratio, "name": f"{part}_up"})
-        return groups
+        return lora_param_groups(network=self.network, config=self.config)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -365,8 +362,10 @@ class TrainingRun:
             self.validation_log.close()
         if self.config.sampling.at_end:
             self.sample(progress.step)
+        comparison, loss_curve = self._end_pictures()
         self.accelerator.end_training()
-        return self._result(interrupted=False)
+        result = self._result(interrupted=False)
+        return dataclasses.replace(result, comparison=comparison, loss_curve=loss_curve)
 
     def _check_finite(self, outcome: StepOutcome) -> None:
         if outcome.finite:
@@ -520,6 +519,27 @@ class TrainingRun:
                 )
             if paths:
                 self.on_event(events.SamplesWritten(step, tuple(paths)))
+
+    def _end_pictures(self) -> tuple[Path | None, Path | None]:
+        """The before/after grid and the loss curve, as the config asks (main process)."""
+        comparison = loss_curve = None
+        if not self.accelerator.is_main_process:
+            return comparison, loss_curve
+        if self.config.sampling.before_after:
+            with self.dataset.encoders.on_device():
+                comparison = write_comparison(
+                    family=self.family,
+                    base=self.base,
+                    network=self.network,
+                    config=self.config.sampling,
+                    resolution=self.config.data.resolution,
+                    path=self.paths.comparison,
+                )
+        if self.config.output.loss_curve:
+            loss_curve = write_loss_curve(
+                self.paths.logs, self.paths.loss_curve, title=self.config.output.name
+            )
+        return comparison, loss_curve
 
 
 def train(
