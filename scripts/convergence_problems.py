@@ -91,7 +91,6 @@ class _Training:
             parameters=list(network.parameters()),
             accumulation_steps=config.training.gradient_accumulation_steps,
             max_grad_norm=config.training.max_grad_norm,
-            on_zero_grad=[self.preconditioner.zero_] if self.preconditioner else [],
         )
 
     def step(self, loss_of_batch) -> bool:
