@@ -24,7 +24,7 @@ from modules.lora.preconditioning.directions import (
     adaprelora_directions,
     riemannian_directions,
 )
-from modules.lora.preconditioning.preconditioner import precondition_pairs_
+from modules.lora.preconditioning.preconditioner import PairGroup, precondition_pairs_
 from modules.training.trainer import TrainingRun
 from tests.helpers import tiny_config
 from tests.test_preconditioner import TwoLayers, _inputs
@@ -125,7 +125,7 @@ def test_sdxl_widths_match_float64_without_syncs(dtype: torch.dtype) -> None:
             **_stacks(pairs), scale=scale.double().cpu(), damping=damping
         )
         with host_syncs_are_errors():
-            precondition_pairs_(pairs, scale, damping=damping)
+            precondition_pairs_([PairGroup(pairs=pairs, scale=scale)], damping=damping)
         _assert_close_to(pairs, expected, dtype)
 
 

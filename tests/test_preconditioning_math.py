@@ -16,7 +16,7 @@ from modules.lora.preconditioning.directions import (
     damped_inverse,
     riemannian_directions,
 )
-from modules.lora.preconditioning.preconditioner import precondition_pairs_
+from modules.lora.preconditioning.preconditioner import PairGroup, precondition_pairs_
 
 EXACT = Damping(relative=0.0, absolute=0.0)
 
@@ -266,11 +266,12 @@ def _assert_pass_equals_reference(
     groups = _pairs(dtype)
     if break_layers is not None:
         break_layers(groups)
-    expected = []
+    expected, pass_groups = [], []
     for pairs, scale, weights in groups:
         chosen = weights if method == "adaprelora" else None
         expected.append(_expected(pairs, scale, chosen, damping))
-        precondition_pairs_(pairs, scale, damping=damping, weights=chosen)
+        pass_groups.append(PairGroup(pairs=pairs, scale=scale, weights=chosen))
+    precondition_pairs_(pass_groups, damping=damping)  # one call: Grams of one rank join
     for (pairs, _, _), (direction_a, direction_b) in zip(groups, expected, strict=True):
         for (a, b), want_a, want_b in zip(pairs, direction_a, direction_b, strict=True):
             assert a.grad.dtype == dtype and a.grad.shape == a.shape
@@ -330,7 +331,7 @@ def test_a_missing_gradient_counts_as_zero_and_stays_missing() -> None:
     missing.grad = torch.zeros_like(missing)
     expected_a, expected_b = _expected(pairs, scale, None, Damping())
     missing.grad = None
-    precondition_pairs_(pairs, scale, damping=Damping())
+    precondition_pairs_([PairGroup(pairs=pairs, scale=scale)], damping=Damping())
     assert missing.grad is None
     for (a, b), want_a, want_b in zip(pairs, expected_a, expected_b, strict=True):
         torch.testing.assert_close(a.grad.flatten(1), want_a, **EXACT_TOLERANCE)

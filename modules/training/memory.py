@@ -251,8 +251,10 @@ def optimizer_state_bytes(config: TrainConfig, shapes: list[torch.Size], dtype: 
 
 def preconditioner_bytes(config: TrainConfig, pairs: list[tuple[torch.Size, torch.Size]]) -> int:
     """The preconditioner's state and workspace for LoRA (A, B) pairs of these shapes: r x r
-    Grams and a float32 copy of the gradients; AdaPreLoRA also keeps per-layer row / column
-    statistics, sketches of `adaprelora_probes` columns and factors widened by them."""
+    Grams and a float32 copy of the gradients (held one shape group at a time, counted for all,
+    so the bound holds whatever the grouping); AdaPreLoRA also keeps per-layer row / column
+    moments and sketches of `adaprelora_probes` columns, and reads float32 copies of the
+    factors."""
     method = config.lora.preconditioner
     if method == "none" or not pairs:
         return 0
@@ -262,7 +264,7 @@ def preconditioner_bytes(config: TrainConfig, pairs: list[tuple[torch.Size, torc
         total += 4 * r * r * 4 + (r * n + m * r) * 4
         if method == "adaprelora":
             p = config.lora.adaprelora_probes
-            total += p * (m + n) * 4 + 4 * (m + n) * 4 + (r + p) * (m + n) * 4
+            total += p * (m + n) * 4 + 2 * (m + n) * 4 + r * (n + m) * 4
     return total
 
 

@@ -23,9 +23,13 @@ from modules.lora.layers import LoRAModule
 from modules.lora.network import LoRANetwork
 from modules.lora.preconditioning.directions import (
     AdafactorWeights,
+    AdaPreLoRA,
     Damping,
-    adaprelora_directions,
-    riemannian_directions,
+    Factors,
+    Method,
+    Riemannian,
+    compute_dtype,
+    damped_inverses,
 )
 from modules.lora.preconditioning.statistics import GroupStatistics, ProbeSource
 
@@ -42,46 +46,64 @@ class Settings:
     seed: int = 0  # AdaPreLoRA: of the probes
 
 
+@dataclass(frozen=True)
+class PairGroup:
+    """k LoRA layers of one shape: their (A, B) Parameters, each layer's s, and for AdaPreLoRA
+    the Adafactor weights (None: Riemannian). Stacks are (k, rows, columns): Conv2d weights
+    flatten to (out, in*kh*kw) matrices."""
+
+    pairs: Sequence[Pair]
+    scale: torch.Tensor
+    weights: AdafactorWeights | None = None
+
+    @property
+    def method(self) -> Method:
+        return Riemannian() if self.weights is None else AdaPreLoRA(self.weights)
+
+    def factors(self) -> Factors:
+        a, b = zip(*self.pairs, strict=True)
+        return Factors.of(a=_stacked(a), b=_stacked(b), scale=self.scale)
+
+    def gradients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A missing gradient counts as zero: both methods are linear in the gradients."""
+
+        def stacked_grads(factors: Sequence[nn.Parameter]) -> torch.Tensor:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in factors]
+            return _stacked(grads).to(dtype)
+
+        a, b = zip(*self.pairs, strict=True)
+        return stacked_grads(a), stacked_grads(b)
+
+    def assign(self, directions: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Each present gradient becomes a view of its stack's direction, in the factor's dtype:
+        assigned, not copied, which saves a write and a read of every gradient and, on a GPU,
+        one copy kernel per factor. They live until the optimizer's `zero_grad`, like any
+        gradient; a missing gradient stays missing."""
+        for factors, stack in zip(zip(*self.pairs, strict=True), directions, strict=True):
+            first = factors[0]
+            shaped = stack.to(first.dtype).view(len(factors), *first.shape).unbind()
+            for param, direction in zip(factors, shaped, strict=True):
+                if param.grad is not None:
+                    param.grad = direction
+
+
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors).flatten(2)
+
+
 @torch.no_grad()
-def precondition_pairs_(
-    pairs: Sequence[Pair],
-    scale: torch.Tensor,
-    *,
-    damping: Damping,
-    weights: AdafactorWeights | None = None,
-) -> None:
-    """Replace the gradients of k same-shaped (A, B) pairs by their directions: Riemannian, or
-    AdaPreLoRA with these Adafactor `weights`. A missing gradient counts as zero (both methods are
-    linear in the gradients) and stays missing.
+def precondition_pairs_(groups: Sequence[PairGroup], *, damping: Damping) -> None:
+    """Replace the gradients of every group's pairs by their directions.
 
-    The new gradients are views of the group's result, one per factor, in the factor's dtype:
-    assigned, not copied, which saves a write and a read of every gradient and, on a GPU, one
-    copy kernel per factor. They live until the optimizer's `zero_grad`, like any gradient."""
-    a, b = zip(*pairs, strict=True)
-
-    def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(k, rows, columns): Conv2d weights flatten to (out, in*kh*kw) matrices."""
-        return torch.stack(tensors).flatten(2)
-
-    def grads(factors: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in factors]
-
-    stacks = {
-        "a": stacked(a),
-        "b": stacked(b),
-        "grad_a": stacked(grads(a)),
-        "grad_b": stacked(grads(b)),
-    }
-    if weights is None:
-        directions = riemannian_directions(**stacks, scale=scale, damping=damping)
-    else:
-        directions = adaprelora_directions(**stacks, scale=scale, weights=weights, damping=damping)
-    for factors, stack in zip((a, b), directions, strict=True):
-        first = factors[0]
-        shaped = stack.to(first.dtype).view(len(factors), *first.shape).unbind()
-        for param, direction in zip(factors, shaped, strict=True):
-            if param.grad is not None:
-                param.grad = direction
+    First every group's Grams, inverted in one batched call per Gram size; then group by group
+    the directions, so only one group's stacked gradients exist at a time (the memory estimate
+    counts one float32 copy of the LoRA gradients)."""
+    grams = [group.method.grams(group.factors()) for group in groups]
+    for group, inverse in zip(groups, damped_inverses(grams, damping), strict=True):
+        method = group.method
+        factors = group.factors() if method.reads_factors else None
+        grad_a, grad_b = group.gradients(compute_dtype(group.pairs[0][0].dtype))
+        group.assign(method.directions(inverse, grad_a, grad_b, factors))
 
 
 @dataclass
@@ -156,10 +178,11 @@ class LoRAPreconditioner:
             if self.probes.active:
                 self._update_statistics()
             weights = self.adafactor_weights()
-        for group, group_weights in zip(self.groups, weights, strict=True):
-            precondition_pairs_(
-                group.pairs(), group.scale(), damping=self.settings.damping, weights=group_weights
-            )
+        groups = [
+            PairGroup(pairs=group.pairs(), scale=group.scale(), weights=group_weights)
+            for group, group_weights in zip(self.groups, weights, strict=True)
+        ]
+        precondition_pairs_(groups, damping=self.settings.damping)
         self.applied_steps += 1
         self._next_cycle()
 
