@@ -216,6 +216,7 @@ class ConceptProblem:
         self.train = self._encode(tiny_world.concept_scenes(train_images, seed=0))
         validation = self._encode(tiny_world.concept_scenes(validation_images, seed=1))
         self.validation = self._validation_batch(validation)
+        self.fit = self._validation_batch(self.train)  # the training images, measured the same way
         self.network = LoRANetwork.inject(
             self.family.lora_targets(self.base, config), rank=rank, alpha=rank, dropout=0.0
         )
@@ -255,10 +256,17 @@ class ConceptProblem:
         timesteps = torch.tensor(VALIDATION_TIMESTEPS).repeat_interleave(count)
         return self._select(batch, index), timesteps
 
-    @torch.no_grad()
     def validation_loss(self, config: TrainConfig) -> float:
         """Every held-out image at every validation timestep, with the same noise every time."""
-        batch, timesteps = self.validation
+        return self.fixed_loss(config, self.validation)
+
+    def training_set_loss(self, config: TrainConfig) -> float:
+        """The same measurement on the training images: how closely the LoRA fits them."""
+        return self.fixed_loss(config, self.fit)
+
+    @torch.no_grad()
+    def fixed_loss(self, config: TrainConfig, images: tuple[Batch, torch.Tensor]) -> float:
+        batch, timesteps = images
         generator = torch.Generator().manual_seed(0)
         self.base.eval()
         try:

@@ -34,6 +34,10 @@ SMOKE_RUNS = {
         ["--quick", "--workers", "1", "--no-write"],
         "| LoRA+ (ratio 16) |",
     ),
+    "convergence_ablation.py": (
+        ["--quick", "--rank", "4", "--workers", "1", "--no-write"],
+        "| AdamW + Riemannian |",
+    ),
     "benchmark_training.py": (["--steps", "2", "--warmup", "1", "--no-write"], "| no | float32 |"),
     "benchmark_flux_memory.py": (
         ["--resolution", "256", "--no-write"],
@@ -50,7 +54,9 @@ NEEDS_DISPLAY = {"benchmark_gui.py"}
 
 
 def test_every_benchmark_script_has_a_smoke_run():
-    assert sorted(SMOKE_RUNS) == sorted(p.name for p in (REPO / "scripts").glob("benchmark_*.py"))
+    """Every script that writes a section of docs/benchmarks.md."""
+    scripts = [*(REPO / "scripts").glob("benchmark_*.py"), REPO / "scripts/convergence_ablation.py"]
+    assert sorted(SMOKE_RUNS) == sorted(p.name for p in scripts)
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 Each rule names a combination of settings that docs/benchmarks.md measured to go wrong (or never
 measured), says what happened there and what to change. The trainer prints the lines when a run
 starts and the GUI can show them; they never change the config. The numbers in the rules come
-from `scripts/benchmark_convergence.py` (section "Convergence") and
-`scripts/benchmark_damping.py`; rerun those when a rule's evidence changes.
+from `scripts/benchmark_convergence.py` (section "Convergence") and the damping table
+("Preconditioner damping and the B = 0 start"); rerun the convergence benchmark when a rule's
+evidence changes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ MEASURED_OPTIMIZERS = ("adamw", "sgd", "prodigy")  # in the convergence benchmar
 # SGD + Riemannian with momentum 0.9: the largest grid learning rate that converged in both
 # experiments (the next, 1, diverged on every E1 problem; E2 diverged from 3.16)
 SGD_PRECONDITIONED_MAX_LR = 0.316
-# SGD + Riemannian: damping measured best with SGD (benchmark_damping)
+# SGD + Riemannian: damping measured best with SGD (the damping table)
 SGD_DAMPING = 0.01
 
 

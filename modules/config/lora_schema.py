@@ -78,8 +78,10 @@ class LoRAConfig(Section):
         "the plain optimizer. Measured (docs/benchmarks.md, Convergence): on ill-conditioned "
         "low-rank targets it reaches errors plain AdamW, SGD and Prodigy do not, over a wider "
         "band of learning rates, and it lets SGD train from the B = 0 start; on the tiny "
-        "world's concept fine-tune it did not beat plain AdamW; adaprelora was slower than "
-        "riemannian on the ill-conditioned problems. The README says what it costs.",
+        "world's concept fine-tune it did not beat plain AdamW (with this damping it fitted "
+        "more slowly there; less damping drew level), so it pays most with SGD-type optimizers "
+        "and ill-conditioned updates; adaprelora was slower than riemannian on the "
+        "ill-conditioned problems. The README says what it costs.",
         tab="lora",
         label="Riemannian Preconditioning",
         widget=Toggle(off="none", on="riemannian"),
