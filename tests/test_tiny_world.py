@@ -105,6 +105,24 @@ def test_world_tokenizer_has_a_token_per_world_word(tmp_path: Path):
     assert len(loaded(text).input_ids) == 2 + len(text.replace(",", " ,").split())
 
 
+def test_world_tokenizer_is_the_same_in_every_process():
+    """Its vocabulary numbers the text encoders' embedding rows: a pretraining run resumed in a
+    new process (or rerun from its seed) must get the same numbers."""
+    words = tiny_world.CAPTION_WORDS
+    code = (
+        "import json; from modules.data.tiny_world import CAPTION_WORDS; "
+        "from modules.models.sdxl.tiny_world import world_tokenizer; "
+        "print(json.dumps(world_tokenizer(CAPTION_WORDS).get_vocab()))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=cli_env()
+    )
+    assert other.returncode == 0, other.stderr[-2000:]
+    vocab = world_tokenizer(words).get_vocab()
+    assert json.loads(other.stdout.strip().splitlines()[-1]) == vocab
+    assert world_tokenizer(list(reversed(words))).get_vocab() == vocab
+
+
 # -- the pretrained model in resources/ -------------------------------------------------------------
 
 

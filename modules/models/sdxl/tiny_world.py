@@ -12,12 +12,12 @@ of the world is one token and an unknown word (a trigger word) is spelled in sma
 
 from __future__ import annotations
 
+import itertools
 import json
-import tempfile
+from collections import Counter
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -29,27 +29,41 @@ MAX_TOKENS = 77
 LATENT_SIZE = 16
 
 
-def world_tokenizer(words: list[str]) -> CLIPTokenizer:
-    """A CLIP tokenizer whose merges make each of `words` a single token.
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
 
-    The merges are learned with the tokenizers library's BPE trainer on the words themselves,
-    so they are consistent with how BPE applies them; the byte-level symbols (with and without
-    CLIP's end-of-word mark) stay in the vocabulary so any other text still tokenizes.
+
+def bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE's greedy merges over `words` (each counted once) until every word is one symbol.
+
+    The most frequent adjacent pair merges first, ties going to the alphabetically first pair,
+    so the same words always give the same merges (the tokenizers library's trainer breaks ties
+    in hash order, which differs from process to process: a resumed pretraining run would have
+    renumbered the vocabulary under its text encoders). Applying the merges in this order, as
+    BPE does, rebuilds each word.
     """
-    trainer_model = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    trainer_model.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        min_frequency=1,
-        initial_alphabet=sorted(ByteLevel.alphabet()),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    trainer_model.train_from_iterator([" ".join(sorted(set(words)))], trainer)
-    with tempfile.TemporaryDirectory() as folder:
-        trainer_model.model.save(folder)
-        lines = Path(folder, "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#")]
+    spelled = [[*word[:-1], word[-1] + "</w>"] for word in sorted(set(words))]
+    merges = []
+    while counts := Counter(pair for s in spelled for pair in itertools.pairwise(s)):
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        spelled = [_merge(symbols, pair) for symbols in spelled]
+    return merges
+
+
+def world_tokenizer(words: list[str]) -> CLIPTokenizer:
+    """A CLIP tokenizer whose merges (`bpe_merges`) make each of `words` a single token; the
+    byte-level symbols (with and without CLIP's end-of-word mark) stay in the vocabulary so any
+    other text still tokenizes."""
+    merges = bpe_merges(words)
     symbols = sorted(ByteLevel.alphabet())
     vocab: dict[str, int] = {}
     for token in [*symbols, *(s + "</w>" for s in symbols)]:

@@ -1,0 +1,178 @@
+"""The architecture of the tiny world's pretrained Flux.1-shaped base model, randomly initialised.
+
+`scripts/pretrain_tiny_world.py --family flux` trains it and writes it to
+`resources/tiny-world-flux` in FLUX.1 [dev]'s diffusers folder layout, which
+`modules/models/flux/loading.py` loads like a user's model. Everything Flux.1 has is here at a
+small scale: a transformer of double-stream and single-stream blocks with rotary positions and
+[dev]'s embedded guidance, a 16-channel VAE with Flux's shift and scaling (factor 4 instead of 8,
+so 64 px images make 16 x 16 latents, 64 packed tokens), CLIP-L's pooled vector and T5's token
+embeddings as the text conditioning, and their tokenizers. The CLIP tokenizer is the SDXL world's
+(`world_tokenizer`: one token per world word); the T5 tokenizer is a SentencePiece-style Unigram
+tokenizer whose pieces are the world's words (each one token) and single characters (any other
+text, a trigger word included, is spelled in characters).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+from modules.models.flux.tiny import scheduler_for
+from modules.models.sdxl.tiny_world import world_tokenizer
+
+CLIP_WIDTH = 32  # CLIP-L's place (768): its pooled output is the transformer's vector input
+T5_WIDTH = 64  # T5-XXL's place (4096): the transformer's text tokens
+LATENT_CHANNELS = 16  # as Flux.1's VAE: packed 2x2, the transformer sees 64 channels
+HEADS = 4  # 24 in Flux.1
+HEAD_DIM = 24  # 128 in Flux.1; the rotary axes split it as (16, 56, 56) does 128
+AXES_DIMS_ROPE = (4, 10, 10)
+DOUBLE_BLOCKS = 2  # 19 in Flux.1
+SINGLE_BLOCKS = 4  # 38 in Flux.1
+CLIP_MAX_TOKENS = 77
+# the T5 length the model was pretrained with: the world's captions are at most 16 T5 tokens
+T5_MAX_LENGTH = 32
+LATENT_SIZE = 16
+
+
+def world_t5_tokenizer(words: list[str]) -> T5TokenizerFast:
+    """A T5 tokenizer whose pieces make each of `words` one token (with T5's `▁` word start).
+
+    Unigram picks the segmentation with the highest summed score: a whole-word piece scores 0
+    and every character -1, so a world word is always one piece and anything else falls back to
+    characters. T5's special tokens: <pad> = 0, </s> = 1 (appended to every sequence), <unk> = 2.
+    """
+    specials = ["<pad>", "</s>", "<unk>"]
+    characters = [*sorted(set(string.printable) - set(string.whitespace)), "▁"]
+    pieces = [(token, 0.0) for token in specials]
+    pieces += [(f"▁{word}", 0.0) for word in sorted(set(words))]
+    pieces += [(character, -1.0) for character in characters]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=512,
+    )
+
+
+def build_text_encoders(clip_vocab: int, t5_vocab: int) -> tuple[CLIPTextModel, T5EncoderModel]:
+    clip = CLIPTextConfig(
+        vocab_size=clip_vocab,
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=4 * CLIP_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        projection_dim=CLIP_WIDTH,
+        hidden_act="gelu",
+        bos_token_id=clip_vocab - 2,
+        eos_token_id=clip_vocab - 1,
+        pad_token_id=clip_vocab - 1,
+    )
+    t5 = T5Config(  # T5 v1.1's encoder (gated GELU), as T5-XXL
+        vocab_size=t5_vocab,
+        d_model=T5_WIDTH,
+        d_kv=T5_WIDTH // 4,
+        d_ff=2 * T5_WIDTH,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return CLIPTextModel(clip), T5EncoderModel(t5)
+
+
+def build_tokenizers(words: list[str]):
+    """The CLIP and T5 tokenizers; "an" (the article before vowels) joins the world's words."""
+    return world_tokenizer(words), world_t5_tokenizer([*words, "an"])
+
+
+def build_transformer() -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=DOUBLE_BLOCKS,
+        num_single_layers=SINGLE_BLOCKS,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=CLIP_WIDTH,
+        axes_dims_rope=AXES_DIMS_ROPE,
+        guidance_embeds=True,  # as FLUX.1 [dev]
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=4 * LATENT_SIZE,
+        # set from the trained encoder's latents (pretrain script), as Flux's 0.1159 / 0.3611
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1 [dev]'s scheduler: the resolution-dependent shift."""
+    return scheduler_for(guidance_embeds=True)
+
+
+MODEL_INDEX = {
+    "_class_name": "FluxPipeline",
+    "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def loading_settings(folder: str | Path) -> dict:
+    """The `model` settings that load the world model as pretrained: float32 parts (it is small,
+    and bfloat16 on a CPU is slower) and the T5 length it learned with (512, [dev]'s, would pad
+    every caption with hundreds of tokens it never saw)."""
+    float32 = {"weight_dtype": "float32"}
+    return {
+        "model": {
+            "family": "flux",
+            "base_model": str(folder),
+            "transformer": float32,
+            "text_encoder": float32,
+            "text_encoder_2": float32,
+            "t5_max_length": T5_MAX_LENGTH,
+        }
+    }
+
+
+def write_model_index(folder: Path) -> None:
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
