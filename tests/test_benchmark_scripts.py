@@ -27,7 +27,14 @@ SMOKE_RUNS = {
         "| rank | LoRA params | ours, Riemannian |",
     ),
     "benchmark_preconditioner_step.py": (
-        ["--steps", "5", "--turn", "2", "--warmup", "1", "--threads", "1", "--no-write"],
+        [
+            "--steps=5",
+            "--turn=2",
+            "--warmup=1",
+            "--threads=1",
+            "--settings=AdaPreLoRA",
+            "--no-write",
+        ],
         "| AdaPreLoRA |",
     ),
     "benchmark_convergence.py": (
