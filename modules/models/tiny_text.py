@@ -7,6 +7,7 @@ fixed symbol sets and saved next to the tiny models like a real model's tokenize
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import ByteLevel
@@ -41,12 +42,20 @@ def clip_text_config(*, vocab_size: int, hidden_size: int, projection_dim: int) 
     )
 
 
-def character_t5_tokenizer(*, model_max_length: int = 512) -> T5Tokenizer:
+def character_t5_tokenizer(
+    *, words: Sequence[str] = (), model_max_length: int = 512
+) -> T5Tokenizer:
     """A SentencePiece-style (Unigram, `▁` word starts) tokenizer over printable characters,
-    with T5's special tokens: <pad> = 0, </s> = 1 appended to every sequence, <unk> = 2."""
+    with T5's special tokens: <pad> = 0, </s> = 1 appended to every sequence, <unk> = 2.
+
+    Each of `words` is also a whole-word piece: Unigram picks the segmentation with the highest
+    summed score, and a word piece scores 0 against -1 per character, so those words are always
+    one token and anything else falls back to characters."""
     specials = ["<pad>", "</s>", "<unk>"]
     symbols = [*sorted(set(string.printable) - set(string.whitespace)), "▁"]
-    pieces = [(token, 0.0) for token in specials] + [(symbol, -1.0) for symbol in symbols]
+    pieces = [(token, 0.0) for token in specials]
+    pieces += [(f"▁{word}", 0.0) for word in sorted(set(words))]
+    pieces += [(symbol, -1.0) for symbol in symbols]
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")

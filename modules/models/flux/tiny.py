@@ -104,11 +104,11 @@ def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = 
     tokenizer.save_pretrained(path / "tokenizer")
     tokenizer_2.save_pretrained(path / "tokenizer_2")
     scheduler_for(guidance_embeds=guidance_embeds).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps(_MODEL_INDEX, indent=2) + "\n")
+    (path / "model_index.json").write_text(json.dumps(FLUX_MODEL_INDEX, indent=2) + "\n")
     return path
 
 
-_MODEL_INDEX = {
+FLUX_MODEL_INDEX = {
     "_class_name": "FluxPipeline",
     "_diffusers_version": "0.42.1",
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

@@ -15,15 +15,14 @@ text, a trigger word included, is spelled in characters).
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from modules.models.flux.tiny import scheduler_for
+from modules.models.flux.tiny import FLUX_MODEL_INDEX, scheduler_for
 from modules.models.sdxl.tiny_world import world_tokenizer
+from modules.models.tiny_text import character_t5_tokenizer
 
 CLIP_WIDTH = 32  # CLIP-L's place (768): its pooled output is the transformer's vector input
 T5_WIDTH = 64  # T5-XXL's place (4096): the transformer's text tokens
@@ -37,34 +36,6 @@ CLIP_MAX_TOKENS = 77
 # the T5 length the model was pretrained with: the world's captions are at most 16 T5 tokens
 T5_MAX_LENGTH = 32
 LATENT_SIZE = 16
-
-
-def world_t5_tokenizer(words: list[str]) -> T5TokenizerFast:
-    """A T5 tokenizer whose pieces make each of `words` one token (with T5's `▁` word start).
-
-    Unigram picks the segmentation with the highest summed score: a whole-word piece scores 0
-    and every character -1, so a world word is always one piece and anything else falls back to
-    characters. T5's special tokens: <pad> = 0, </s> = 1 (appended to every sequence), <unk> = 2.
-    """
-    specials = ["<pad>", "</s>", "<unk>"]
-    characters = [*sorted(set(string.printable) - set(string.whitespace)), "▁"]
-    pieces = [(token, 0.0) for token in specials]
-    pieces += [(f"▁{word}", 0.0) for word in sorted(set(words))]
-    pieces += [(character, -1.0) for character in characters]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    return T5TokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_ids=0,
-        model_max_length=512,
-    )
 
 
 def build_text_encoders(clip_vocab: int, t5_vocab: int) -> tuple[CLIPTextModel, T5EncoderModel]:
@@ -102,7 +73,7 @@ def build_text_encoders(clip_vocab: int, t5_vocab: int) -> tuple[CLIPTextModel, 
 
 def build_tokenizers(words: list[str]):
     """The CLIP and T5 tokenizers; "an" (the article before vowels) joins the world's words."""
-    return world_tokenizer(words), world_t5_tokenizer([*words, "an"])
+    return world_tokenizer(words), character_t5_tokenizer(words=[*words, "an"])
 
 
 def build_transformer() -> FluxTransformer2DModel:
@@ -144,19 +115,6 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return scheduler_for(guidance_embeds=True)
 
 
-MODEL_INDEX = {
-    "_class_name": "FluxPipeline",
-    "_diffusers_version": "0.42.1",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "FluxTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-
-
 def loading_settings(folder: str | Path) -> dict:
     """The `model` settings that load the world model as pretrained: float32 parts (it is small,
     and bfloat16 on a CPU is slower) and the T5 length it learned with (512, [dev]'s, would pad
@@ -175,4 +133,4 @@ def loading_settings(folder: str | Path) -> dict:
 
 
 def write_model_index(folder: Path) -> None:
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(FLUX_MODEL_INDEX, indent=2) + "\n")
