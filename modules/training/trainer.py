@@ -1,8 +1,8 @@
 """The training run: set up, loop over micro-batches, log, sample, back up, save.
 
 Reads top to bottom like a diffusers training example; the update itself lives in
-GradientPipeline, backups in backup.py, data order in data_order.py and the family-specific math
-in modules/models.
+GradientPipeline, the LoRA network in network_setup.py, backups in backup.py, data order in
+data_order.py and the family-specific math in modules/models.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from torch import nn
 from tqdm.auto import tqdm
 
 from modules.config.advice import advice
@@ -27,10 +26,6 @@ from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
 from modules.lora.formats import build_metadata, network_dim, save_lora
-from modules.lora.init_from import network_from_file
-from modules.lora.layouts import LoRALayout
-from modules.lora.network import LayerCatalog, LoRANetwork, LoRATarget
-from modules.models.base import Batch, ModelFamily
 from modules.models.placement import to_device_except
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_comparison, write_samples
@@ -47,6 +42,7 @@ from modules.training.backup import (
 from modules.training.gradient_pipeline import GradientPipeline, StepOutcome
 from modules.training.loss_curve import write_loss_curve
 from modules.training.memory import memory_estimate
+from modules.training.network_setup import TrainingModel, build_network
 from modules.training.optimizers import (
     check_optimizer,
     create_optimizer,
@@ -57,35 +53,13 @@ from modules.training.optimizers import (
 from modules.training.preconditioning import attach_preconditioner
 from modules.training.resume import plan_resume
 from modules.training.run_log import RunLog
+from modules.training.run_paths import RunPaths
 from modules.training.stop import StopSignal
 from modules.training.validation import ValidationLog, validation_loss
 from modules.util.atomic import remove_leftovers
 from modules.util.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    workspace: Path
-    output: Path
-    samples: Path
-    logs: Path
-    comparison: Path  # sampling.before_after
-    loss_curve: Path  # output.loss_curve
-
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> RunPaths:
-        workspace = Path(config.output.workspace_dir).expanduser()
-        default_output = workspace / f"{config.output.name}.safetensors"
-        return cls(
-            workspace=workspace,
-            output=Path(config.output.output_path or default_output).expanduser(),
-            samples=workspace / "samples",
-            logs=workspace / "logs",
-            comparison=workspace / "samples" / "before_after.png",
-            loss_curve=workspace / "loss.png",
-        )
 
 
 @dataclass(frozen=True)
@@ -96,44 +70,6 @@ class RunResult:
     last_backup: Path | None
     comparison: Path | None = None  # the before/after grid, when written
     loss_curve: Path | None = None  # the loss curve PNG, when written
-
-
-class TrainingModel(nn.Module):
-    """The LoRA network as accelerate prepares it (DDP synchronises its parameters), with the
-    loss through the base model as its forward pass.
-
-    The base is not a submodule (as LoRA adapters hold their base layers): the trainer places it
-    itself, leaving encoders that are done with in CPU memory, which `prepare` moving the whole
-    module would undo, and its frozen weights are never broadcast between processes.
-    """
-
-    def __init__(
-        self, *, family: ModelFamily, base: nn.Module, network: LoRANetwork, config: TrainConfig
-    ) -> None:
-        super().__init__()
-        object.__setattr__(self, "_base", base)
-        self.network = network
-        self._family = family
-        self._config = config
-
-    @property
-    def base(self) -> nn.Module:
-        return self._base
-
-    def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        return self._family.training_loss(
-            self.base, batch, generator=generator, config=self._config
-        )
-
-
-def _all_parts(config: TrainConfig) -> TrainConfig:
-    """`config` as if it trained every part that can be trained."""
-    parts = {
-        spec.name: getattr(config.model, spec.name).model_copy(update={"train": True})
-        for spec in config.model.part_specs()
-        if spec.trainable
-    }
-    return config.model_copy(update={"model": config.model.model_copy(update=parts)})
 
 
 def _every(step: int, interval: int) -> bool:
@@ -201,7 +137,12 @@ class TrainingRun:
             )
             if estimate is not None:
                 self._say(*estimate.lines())
-        self.network = self._build_network()
+        self.network = build_network(
+            config=config,
+            family=self.family,
+            base=self.base,
+            announce=self.accelerator.is_main_process,
+        )
         self.total_steps = config.training.max_steps or math.ceil(
             config.training.epochs
             * self.data.micro_per_epoch
@@ -251,49 +192,6 @@ class TrainingRun:
             self.last_backup = backup.path
             log.info("resumed from %s at step %d", backup.path, self.state.progress.step)
         self.validation_log: ValidationLog | None = None
-
-    def _build_network(self) -> LoRANetwork:
-        config = self.config
-        targets = self.family.lora_targets(self.base, config)
-        layouts = self.family.lora_layouts(self.base)
-        if config.lora.init_from:
-            network = self._continued_network(targets, layouts)
-        else:
-            network = LoRANetwork.inject(
-                targets,
-                rank=config.lora.rank,
-                alpha=config.lora.alpha,
-                dropout=config.lora.dropout,
-                layouts=layouts,
-            )
-        network.to(dtype=DTYPES[config.model.train_dtype])
-        if config.training.gradient_checkpointing:
-            self.family.enable_gradient_checkpointing(self.base)
-        self.base.train()
-        return network
-
-    def _continued_network(
-        self, targets: list[tuple[LoRATarget, list[str]]], layouts: tuple[LoRALayout, ...]
-    ) -> LoRANetwork:
-        """The network of `lora.init_from`: the file's layers at its ranks, whichever trainer
-        wrote it, plus new layers for trained parts it has none of."""
-        config = self.config
-        # every part, so a file's layers in a part this config leaves frozen are named as such
-        every_part = self.family.lora_targets(self.base, _all_parts(config))
-        continued = network_from_file(
-            config.lora.init_from,
-            targets=targets,
-            catalog=LayerCatalog(target for target, _ in every_part),
-            layouts=layouts,
-            part_labels={spec.name: spec.label for spec in config.model.part_specs()},
-            model_name=config.model.family.upper(),
-            rank=config.lora.rank,
-            alpha=config.lora.alpha,
-            dropout=config.lora.dropout,
-        )
-        if self.accelerator.is_main_process:
-            print(continued.summary, flush=True)
-        return continued.network
 
     def _param_groups(self) -> list[dict]:
         return lora_param_groups(network=self.network, config=self.config)
