@@ -46,7 +46,7 @@ MODEL = REPO / "resources" / "tiny-world-sdxl"
 E1_SETTINGS = {"optimizer": {"weight_decay": 0.0}, "training": {"max_grad_norm": 0.0}}
 
 
-def _grid(low: float, points: int = 7, decades: float = 3.0) -> list[float]:
+def lr_grid(low: float, points: int = 7, decades: float = 3.0) -> list[float]:
     return [float(f"{low * 10 ** (decades * i / (points - 1)):.3g}") for i in range(points)]
 
 
@@ -124,14 +124,14 @@ def plans(quick: bool) -> list[Plan]:
         Plan(
             "E1",
             [{"condition": c, "rank": r} for c in (1.0, 10.0, 100.0) for r in (4, 16)],
-            {"adamw": _grid(1e-3), "sgd": _grid(1e-3), "prodigy": _grid(1e-2)},
+            {"adamw": lr_grid(1e-3), "sgd": lr_grid(1e-3), "prodigy": lr_grid(1e-2)},
             seeds=3,
             steps=400,
         ),
         Plan(
             "E2",
             [{"rank": 4}, {"rank": 32}],
-            {"adamw": _grid(1e-4), "sgd": _grid(1e-2), "prodigy": _grid(1e-2)},
+            {"adamw": lr_grid(1e-4), "sgd": lr_grid(1e-2), "prodigy": lr_grid(1e-2)},
             seeds=3,
             steps=40,
             every=10,
@@ -169,11 +169,10 @@ def _run_quietly(job: dict[str, Any]) -> dict[str, Any]:
     if "accelerator" not in _WORKER:
         _start_worker(1)
     accelerator = _WORKER["accelerator"]
-    arm = next(a for a in ARMS if a.name == job["arm"])
-    problem = job["problem"]
+    settings, problem = job["settings"], job["problem"]
     started, cpu = time.perf_counter(), time.process_time()
     if job["experiment"] == "E1":
-        config = arm_config(arm.settings, E1_SETTINGS, lr=job["lr"], rank=problem["rank"])
+        config = arm_config(settings, E1_SETTINGS, lr=job["lr"], rank=problem["rank"])
         linear = LinearProblem(
             condition=problem["condition"],
             rank=problem["rank"],
@@ -188,7 +187,7 @@ def _run_quietly(job: dict[str, Any]) -> dict[str, Any]:
                 model=Path(job["model"]), rank=problem["rank"], accelerator=accelerator
             )
         concept = _WORKER[key]
-        config = arm_config(arm.settings, lr=job["lr"], rank=problem["rank"])
+        config = arm_config(settings, lr=job["lr"], rank=problem["rank"])
         curve = concept.run(config, seed=job["seed"], steps=job["steps"], every=job["every"])
     return {
         **job,
@@ -199,12 +198,13 @@ def _run_quietly(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def jobs_of(plan: Plan, model: Path) -> list[dict[str, Any]]:
+def jobs_of(plan: Plan, model: Path, arms: list[Arm] = ARMS) -> list[dict[str, Any]]:
     return [
         {
             "experiment": plan.name,
             "problem": problem,
             "arm": arm.name,
+            "settings": arm.settings,
             "lr": lr,
             "seed": seed,
             "steps": plan.steps,
@@ -213,7 +213,7 @@ def jobs_of(plan: Plan, model: Path) -> list[dict[str, Any]]:
         }
         for problem in plan.problems
         for seed in range(plan.seeds)  # a run cut short still has whole seeds of every arm
-        for arm in ARMS
+        for arm in arms
         for lr in plan.grids[arm.family]
     ]
 

@@ -97,7 +97,7 @@ class ArmSummary:
         return steps, medians
 
 
-def _group(results: list[dict[str, Any]], experiment: str, arms) -> dict[str, dict]:
+def group_runs(results: list[dict[str, Any]], experiment: str, arms) -> dict[str, dict]:
     """problem label -> arm name -> ArmSummary"""
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     labels: dict[str, dict[str, Any]] = {}
@@ -296,7 +296,7 @@ def _problem_label(run: dict[str, Any]) -> str:
     return f"rank {problem['rank']}"
 
 
-def _finished(record: dict[str, Any]) -> list[dict[str, Any]]:
+def finished_runs(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The runs of the (problem, seed) blocks that every arm and learning rate finished (all of
     them for a complete run)."""
     results = record["results"]
@@ -309,7 +309,7 @@ def _finished(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [run for block in blocks.values() if len(block) == size for run in block]
 
 
-def _run_line(record: dict[str, Any]) -> str:
+def run_line(record: dict[str, Any]) -> str:
     results = record["results"]
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
     line = (
@@ -320,7 +320,7 @@ def _run_line(record: dict[str, Any]) -> str:
     planned = record.get("jobs", len(results))
     if len(results) < planned:
         kept = defaultdict(set)
-        for run in _finished(record):
+        for run in finished_runs(record):
             kept[_problem_label(run)].add(run["seed"])
         seeds = "; ".join(f"{label}: {len(s)} seed(s)" for label, s in kept.items())
         line += (
@@ -347,12 +347,12 @@ def write_report(
     e1 = e2 = {}
     if "E1" in records:
         record, plan = records["E1"], records["E1"]["plan"]
-        grouped = _group(_finished(record), "E1", ARMS)
+        grouped = group_runs(finished_runs(record), "E1", ARMS)
         parts += [
             f"### E1: LoRA on a frozen 64 x 64 linear layer, rank-4 target ({plan['seeds']} "
             f"seeds, full batch, no weight decay, no clipping, up to {plan['steps']} steps)",
             "",
-            _run_line(record),
+            run_line(record),
             "",
         ]
         e1 = {}
@@ -364,13 +364,13 @@ def write_report(
                 parts += [f"![E1: steps to {target:g} by learning rate](images/{image})", ""]
     if "E2" in records:
         record, plan = records["E2"], records["E2"]["plan"]
-        grouped = _group(_finished(record), "E2", ARMS)
+        grouped = group_runs(finished_runs(record), "E2", ARMS)
         table, e2 = e2_tables(grouped)
         parts += [
             f"### E2: the tiny world's concept fine-tune ({plan['seeds']} seeds, {plan['steps']} "
             f"steps of batch 4, validation every {plan['every']} steps)",
             "",
-            _run_line(record),
+            run_line(record),
             "",
             table,
             "",

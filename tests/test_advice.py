@@ -1,4 +1,5 @@
-"""advice(config): the measured pitfalls a config runs into, one line each."""
+"""advice(config): the measured pitfalls a config runs into, one line each; and the defaults
+that follow the same measurements (the damping by optimizer)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from modules.config.advice import SGD_PRECONDITIONED_MAX_LR, advice
 from modules.config.schema import TrainConfig
+from modules.training.preconditioning import settings_from
 
 
 def _config(**sections) -> TrainConfig:
@@ -19,6 +21,7 @@ def _config(**sections) -> TrainConfig:
         {"lora": {"preconditioner": "riemannian"}},
         {"lora": {"preconditioner": "adaprelora"}, "optimizer": {"name": "prodigy"}},
         {"optimizer": {"name": "sgd", "learning_rate": 10.0}},  # plain SGD: nothing measured to say
+        {"lora": {"preconditioner": "riemannian"}, "optimizer": {"name": "sgd"}},  # its damping
         {
             "lora": {"preconditioner": "riemannian", "precondition_damping": 0.01},
             "optimizer": {"name": "sgd", "learning_rate": SGD_PRECONDITIONED_MAX_LR},
@@ -58,7 +61,25 @@ def test_unmeasured_optimizer_is_named():
 def test_sgd_damping_advice():
     lines = advice(
         _config(
-            lora={"preconditioner": "riemannian"}, optimizer={"name": "sgd", "learning_rate": 0.1}
+            lora={"preconditioner": "riemannian", "precondition_damping": 0.1},
+            optimizer={"name": "sgd", "learning_rate": 0.1},
         )
     )
     assert len(lines) == 1 and "precondition_damping 0.1 with SGD" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "damping"), [("sgd", 0.01), ("adamw", 0.1), ("prodigy", 0.1), ("adafactor", 0.1)]
+)
+def test_an_empty_damping_is_the_one_measured_best_for_the_optimizer(optimizer, damping):
+    config = _config(lora={"preconditioner": "riemannian"}, optimizer={"name": optimizer})
+    assert config.lora.precondition_damping is None
+    assert settings_from(config).damping.relative == damping
+
+
+def test_a_set_damping_wins_over_the_optimizers_default():
+    config = _config(
+        lora={"preconditioner": "riemannian", "precondition_damping": 0.3},
+        optimizer={"name": "sgd"},
+    )
+    assert settings_from(config).damping.relative == 0.3

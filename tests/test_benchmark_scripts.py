@@ -41,6 +41,10 @@ SMOKE_RUNS = {
         ["--quick", "--workers", "1", "--no-write"],
         "| LoRA+ (ratio 16) |",
     ),
+    "benchmark_damping.py": (
+        ["--quick", "--workers", "1", "--no-write"],
+        "| SGD + Riemannian, damping 0.001 |",
+    ),
     "convergence_ablation.py": (
         ["--quick", "--rank", "4", "--workers", "1", "--no-write"],
         "| AdamW + Riemannian |",

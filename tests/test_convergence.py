@@ -90,7 +90,7 @@ def test_e2_summary_band_target_and_divergence():
             _run("AdamW", 0.1, seed, [1.0, 0.6, 0.6, 0.6]),
             _run("AdamW", 1.0, seed, [1.0, None]),
         ]
-    grouped = report._group(runs, "E2", ARMS)
+    grouped = report.group_runs(runs, "E2", ARMS)
     arms = grouped["rank 4"]
     base, lowest, target = report.e2_levels(arms)
     assert (base, lowest) == (1.0, 0.5)

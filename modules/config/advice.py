@@ -3,8 +3,8 @@
 Each rule names a combination of settings that docs/benchmarks.md measured to go wrong (or never
 measured), says what happened there and what to change. The trainer prints the lines when a run
 starts and the GUI can show them; they never change the config. The numbers in the rules come
-from `scripts/benchmark_convergence.py` (section "Convergence") and the damping table
-("Preconditioner damping and the B = 0 start"); rerun the convergence benchmark when a rule's
+from `scripts/benchmark_convergence.py` (section "Convergence") and `scripts/benchmark_damping.py`
+("Preconditioner damping by optimizer"); rerun the convergence benchmark when a rule's
 evidence changes.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modules.config.lora_schema import DEFAULT_DAMPING
 from modules.config.schema import TrainConfig
 
 ADAM_TYPE = ("adamw", "adamw_8bit", "prodigy")
@@ -20,8 +21,8 @@ MEASURED_OPTIMIZERS = ("adamw", "sgd", "prodigy")  # in the convergence benchmar
 # SGD + Riemannian with momentum 0.9: the largest grid learning rate that converged in both
 # experiments (the next, 1, diverged on every E1 problem; E2 diverged from 3.16)
 SGD_PRECONDITIONED_MAX_LR = 0.316
-# SGD + Riemannian: damping measured best with SGD (the damping table)
-SGD_DAMPING = 0.01
+# SGD + Riemannian: damping measured best with SGD, its default (the damping table)
+SGD_DAMPING = DEFAULT_DAMPING["sgd"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ RULES = [
         applies=lambda c: (
             _preconditioned(c)
             and c.optimizer.name == "sgd"
-            and c.lora.precondition_damping > 3 * SGD_DAMPING
+            and c.lora.damping_for("sgd") > 3 * SGD_DAMPING
         ),
         message=lambda c: (
             f"lora.precondition_damping {c.lora.precondition_damping:g} with SGD: SGD converged "

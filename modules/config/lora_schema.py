@@ -7,6 +7,12 @@ from typing import Literal
 from modules.config.fields import PathInput, Section, Toggle, option
 from modules.config.local_paths import LocalPath
 
+# lora.precondition_damping when it is left empty, by optimizer (docs/benchmarks.md, "Preconditioner
+# damping by optimizer": with Adam-type optimizers less damping failed where the LoRA's rank
+# exceeds the update's; SGD converged faster and over a wider band at 0.01)
+DEFAULT_DAMPING = {"sgd": 0.01}
+ADAM_TYPE_DAMPING = 0.1
+
 
 class LoRAConfig(Section):
     rank: int = option(
@@ -78,19 +84,19 @@ class LoRAConfig(Section):
         "the plain optimizer. Measured (docs/benchmarks.md, Convergence): on ill-conditioned "
         "low-rank targets it reaches errors plain AdamW, SGD and Prodigy do not, over a wider "
         "band of learning rates, and it lets SGD train from the B = 0 start; on the tiny "
-        "world's concept fine-tune it did not beat plain AdamW (with this damping it fitted "
-        "more slowly there; less damping drew level), so it pays most with SGD-type optimizers "
-        "and ill-conditioned updates; adaprelora was slower than riemannian on the "
+        "world's concept fine-tune it reached the target loss sooner than plain AdamW but ended "
+        "no lower, so it pays most with SGD-type optimizers and ill-conditioned updates; adaprelora was slower than riemannian on the "
         "ill-conditioned problems. The README says what it costs.",
         tab="lora",
         label="Riemannian Preconditioning",
         widget=Toggle(off="none", on="riemannian"),
     )
-    precondition_damping: float = option(
-        0.1,
+    precondition_damping: float | None = option(
+        None,
         help="Damping relative to each r x r Gram's mean eigenvalue. Larger is closer to the "
-        "plain optimizer and steadier; smaller follows the geometry more strictly. 0.1 suits "
-        "Adam-type optimizers; try 0.01 with SGD. See docs/benchmarks.md for the measurements.",
+        "plain optimizer and steadier; smaller follows the geometry more strictly. Empty: "
+        "0.01 with SGD, 0.1 with every other (Adam-type) optimizer, the best of each in "
+        "docs/benchmarks.md (Preconditioner damping by optimizer).",
         tab="lora",
         label="Damping (relative)",
         applies_when={"preconditioner": ("riemannian", "adaprelora")},
@@ -149,3 +155,9 @@ class LoRAConfig(Section):
         ge=1,
         le=1000,
     )
+
+    def damping_for(self, optimizer: str) -> float:
+        """The relative damping a run uses: the set one, or the measured best for `optimizer`."""
+        if self.precondition_damping is not None:
+            return self.precondition_damping
+        return DEFAULT_DAMPING.get(optimizer, ADAM_TYPE_DAMPING)

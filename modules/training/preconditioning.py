@@ -20,7 +20,8 @@ def settings_from(config: TrainConfig) -> Settings:
     return Settings(
         method=lora.preconditioner,
         damping=Damping(
-            relative=lora.precondition_damping, absolute=lora.precondition_damping_floor
+            relative=lora.damping_for(config.optimizer.name),
+            absolute=lora.precondition_damping_floor,
         ),
         beta2=lora.adaprelora_beta2,
         probes=lora.adaprelora_probes,
