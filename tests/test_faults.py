@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from modules.config.loading import ConfigError, load_config, save_config
 from modules.config.schema import TrainConfig
@@ -241,6 +242,26 @@ def test_nan_before_any_update_is_not_blamed_on_the_learning_rate(
         message
     )
     assert "lower lora.alpha" in message and "optimizer.learning_rate" not in message
+
+
+def test_a_continued_files_own_alpha_is_named_not_the_configs(
+    tiny_model: TinyModel, tiny_dataset_path: Path, tmp_path: Path
+) -> None:
+    """A file continued with lora.init_from brings its alphas; lowering lora.alpha would not
+    change them, so the message points at the file."""
+    first = tiny_model.config(tiny_dataset_path, tmp_path / "a", training={"max_steps": 1})
+    saved = train(load_config(raw=first)).paths.output
+    tensors = load_file(saved)
+    alphas = [key for key in tensors if key.endswith(".alpha")]
+    assert alphas
+    save_file({**tensors, **{key: torch.tensor(1e30) for key in alphas}}, saved)
+    second = tiny_model.config(tiny_dataset_path, tmp_path / "b", lora={"init_from": str(saved)})
+    with pytest.raises(RunError) as caught:
+        train(load_config(raw=second))
+    message = str(caught.value)
+    assert "not the learning rate" in message
+    assert "alpha / rank of the lora.init_from file = " in message
+    assert "a file with a lower alpha" in message and "lora.alpha /" not in message
 
 
 def test_the_last_good_backup_named_is_finite(

@@ -31,14 +31,22 @@ def _where(last_backup: Path | None) -> str:
     return f"last good backup: {last_backup}" if last_backup else "no backup yet"
 
 
-def _starting_point(config: TrainConfig) -> str:
+def _scale_setting(config: TrainConfig) -> tuple[str, str]:
+    """Where the LoRA's alpha / rank comes from, and what lowers it: a continued file brings its
+    own ranks and alphas, which lora.alpha does not change."""
+    if config.lora.init_from:
+        return "alpha / rank of the lora.init_from file", "a file with a lower alpha"
+    return "lora.alpha / lora.rank", "lower lora.alpha"
+
+
+def _starting_point(config: TrainConfig, scale: float) -> str:
     """Suspects when nothing has been applied yet, most specific first."""
-    scale = config.lora.alpha / config.lora.rank
     suspects = []
     if scale > LARGE_SCALE:
+        setting, fix = _scale_setting(config)
         suspects.append(
-            f"lora.alpha / lora.rank = {scale:.3g} scales the LoRA's output and gradients far "
-            "beyond usual (lower lora.alpha)"
+            f"{setting} = {scale:.3g} scales the LoRA's output and gradients far beyond usual "
+            f"({fix})"
         )
     if config.lora.init_from:
         suspects.append(f"the starting weights from lora.init_from {config.lora.init_from}")
@@ -65,21 +73,23 @@ def step_message(
     updates_before: int,
     weights_finite: bool,
     last_backup: Path | None,
+    scale: float,
 ) -> str:
-    """The stop message for a step whose loss or gradient is not finite."""
+    """The stop message for a step whose loss or gradient is not finite; `scale` is the LoRA's
+    alpha / rank (most adapters', as the saved file states it)."""
     what = "loss" if not torch.isfinite(torch.tensor(loss)) else "gradient"
     if not weights_finite:
         what = "LoRA weights"
     head = f"non-finite {what} at step {step} (loss={loss}, grad norm={grad_norm})"
     if updates_before == 0 and weights_finite:
-        return f"{head}; {_starting_point(config)}; {_where(last_backup)}"
-    scale = config.lora.alpha / config.lora.rank
+        return f"{head}; {_starting_point(config, scale)}; {_where(last_backup)}"
     cause = (
         f"the updates grew too large: lower optimizer.learning_rate "
         f"({config.optimizer.learning_rate:g})"
     )
     if scale > LARGE_SCALE:
-        cause += f" or lora.alpha (alpha / rank = {scale:.3g})"
+        setting, fix = _scale_setting(config)
+        cause += f", or use {fix} ({setting} = {scale:.3g})"
     skip = (
         ""
         if what == "LoRA weights"
