@@ -116,8 +116,8 @@ class FluxWorld:
     title = "Tiny world pretraining, Flux (`scripts/pretrain_tiny_world.py --family flux`)"
     shift_latents = True
     defaults: ClassVar[dict] = {
-        "vae_steps": 600,
-        "vae_crop_steps": 500,
+        "vae_steps": 2000,
+        "vae_crop_steps": 1600,
         "images": 8000,
         "unet_steps": 5600,
         "lr": 1e-3,

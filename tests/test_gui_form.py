@@ -18,6 +18,7 @@ from modules.config.schema import TrainConfig
 from modules.data.scan import ScanIndex, scan_concepts
 from modules.errors import UserError
 from modules.models.registry import FAMILIES
+from modules.models.sources import load_from_source
 from modules.training.memory_preview import memory_estimate_lines
 from modules.ui.fields import FieldSpec, Kind, ListSpec, form_fields
 from modules.ui.form import ConfigForm
@@ -27,6 +28,19 @@ from modules.ui.trainer_app import TABS, TrainerApp
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "training_presets").glob("*.json"))
+# a base model the form takes without looking on disk (a repo id), so the rest can be checked
+REPO_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def _form() -> ConfigForm:
+    """The default config with a base model: the one empty field that refuses Start."""
+    return ConfigForm(TrainConfig.model_validate({"model": {"base_model": REPO_ID}}))
+
+
+def _app(tmp_path: Path, **options: Any) -> TrainerApp:
+    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False, **options)
+    app.form.set("model.base_model", REPO_ID)
+    return app
 
 
 def _leaves(value: Any, prefix: str = "") -> list[str]:
@@ -164,7 +178,7 @@ def test_tricky_values_as_inputs_show_them() -> None:
     ],
 )
 def test_invalid_text_gets_the_cli_message(key: str, text: str) -> None:
-    form = ConfigForm()
+    form = _form()
     form.set(key, text)
     assert [(i.key, i.message) for i in form.issues()] == [(key, _cli_message({}, key, text))]
     with pytest.raises(ConfigError):
@@ -172,7 +186,7 @@ def test_invalid_text_gets_the_cli_message(key: str, text: str) -> None:
 
 
 def test_list_element_messages_mark_their_list() -> None:
-    form = ConfigForm()
+    form = _form()
     form.set("data.extra_resolutions", "512, 700")
     (issue,) = form.issues()
     assert issue.key == "data.extra_resolutions" and issue.tab == "data"
@@ -180,7 +194,7 @@ def test_list_element_messages_mark_their_list() -> None:
 
 
 def test_section_checks_mark_the_field_they_name() -> None:
-    form = ConfigForm()
+    form = _form()
     form.set("model.unet.train", False)
     (issue,) = form.issues()
     assert issue.message.startswith("nothing to train: set model.unet.train")
@@ -189,7 +203,7 @@ def test_section_checks_mark_the_field_they_name() -> None:
 
 def test_missing_concept_folder_is_worded_like_the_run(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    form = ConfigForm()
+    form = _form()
     form.add_item("data.concepts", path=str(missing))
     (issue,) = form.issues()
     with pytest.raises(UserError) as run:
@@ -203,7 +217,7 @@ def test_missing_concept_folder_is_worded_like_the_run(tmp_path: Path) -> None:
 
 
 def test_an_added_concept_needs_its_folder() -> None:
-    form = ConfigForm()
+    form = _form()
     index = form.add_item("data.concepts")
     assert (index, form.count("data.concepts")) == (0, 1)
     (issue,) = form.issues()
@@ -220,7 +234,7 @@ def test_an_added_concept_needs_its_folder() -> None:
 
 
 def test_riemannian_tick_maps_onto_the_one_switch() -> None:
-    form = ConfigForm()
+    form = _form()
     key = "lora.preconditioner"
     damping, probes = "lora.precondition_damping", "lora.adaprelora_probes"
     assert not form.ticked(key) and not form.applies(damping) and not form.applies(probes)
@@ -246,7 +260,7 @@ def test_riemannian_tick_maps_onto_the_one_switch() -> None:
     ],
 )
 def test_fields_apply_as_declared(key: str, sibling: str, applies: Any, not_applies: Any) -> None:
-    form = ConfigForm()
+    form = _form()
     form.set(sibling, applies)
     assert form.applies(key)
     form.set(sibling, not_applies)
@@ -254,7 +268,7 @@ def test_fields_apply_as_declared(key: str, sibling: str, applies: Any, not_appl
 
 
 def test_concept_fields_apply_per_concept() -> None:
-    form = ConfigForm()
+    form = _form()
     form.add_item("data.concepts", path="a")
     form.add_item("data.concepts", path="b", caption_source="prompt")
     assert form.applies("data.concepts.0.caption_extension")
@@ -264,7 +278,7 @@ def test_concept_fields_apply_per_concept() -> None:
 
 
 def test_family_switch_brings_the_family_fields() -> None:
-    form = ConfigForm()
+    form = _form()
     changes = []
     form.subscribe(changes.append)
     form.set("lora.rank", "8")
@@ -332,8 +346,30 @@ def test_partly_given_parts_keep_their_declared_defaults() -> None:
     assert flux.model.transformer.weight_dtype == "bfloat16"
 
 
+def test_an_empty_base_model_refuses_start_as_the_run_would_but_not_a_scan(
+    tmp_path: Path, tiny_dataset_path: Path
+) -> None:
+    """A family switch leaves the base model empty (the other family's model would not load):
+    Start says so before any work, in the run's own words; scanning the data still works."""
+    app = _app(tmp_path)
+    app.form.add_item("data.concepts", path=str(tiny_dataset_path))
+    assert app.problems() == []
+    app.form.set("model.family", "flux")
+    with pytest.raises(UserError) as run:
+        load_from_source("", folder=print, single_file=print, repo_id=print)
+    problems = app.start()
+    assert [(p.key, p.message) for p in problems] == [("model.base_model", str(run.value))]
+    assert not app.run.running
+    assert app.scan_data() == []
+    deadline = time.monotonic() + 60
+    while not app.scan.poll() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.scan.error is None and app.scan.lines[0].startswith("data: 4 images")
+    app.shutdown()
+
+
 def test_scan_is_refused_while_the_config_is_invalid(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
+    app = _app(tmp_path)
     app.form.add_item("data.concepts", path=str(tmp_path))
     app.form.set("lora.rank", "0")
     assert [p.key for p in app.scan_data()] == ["lora.rank"] and not app.scan.running
@@ -346,13 +382,17 @@ def test_start_is_refused_with_the_list(tmp_path: Path) -> None:
     app.form.add_item("data.concepts", path=str(tmp_path / "missing"))
     problems = app.start()
     assert [p.key for p in problems] == [
+        "model.base_model",
         "lora.rank",
         "training.batch_size",
         "data.concepts.0.path",
     ]
+    assert problems[0].message == (
+        "model.base_model is empty: set it to a diffusers folder, repo id or .safetensors file"
+    )
     assert not app.run.running
     lines = app.pre_start_lines()
-    assert lines[0] == "3 problems to fix before Start:"
+    assert lines[0] == "4 problems to fix before Start:"
     assert lines[1:] == [f"  {p.message}" for p in problems]
     with pytest.raises(ConfigError):
         app.export(tmp_path / "export.json")
@@ -360,7 +400,7 @@ def test_start_is_refused_with_the_list(tmp_path: Path) -> None:
 
 
 def test_valid_config_shows_its_notes_and_exports(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
+    app = _app(tmp_path)
     app.form.add_item("data.concepts", path=str(tmp_path))
     app.notes.append(lambda config: [f"estimated memory for rank {config.lora.rank}: 1 GiB"])
     assert app.pre_start_lines()[1:] == ["estimated memory for rank 16: 1 GiB"]
@@ -404,7 +444,7 @@ def test_the_memory_estimate_waits_until_the_config_holds_still(tmp_path: Path) 
 
 
 def test_status_says_how_the_last_run_ended(tmp_path: Path) -> None:
-    app = TrainerApp(presets=PresetLibrary(user_dir=tmp_path), estimate_memory=False)
+    app = _app(tmp_path)
     app.form.add_item("data.concepts", path=str(tmp_path))
     assert app.status_lines() == [
         f"ready: sdxl, saving to {app.form.config().output.workspace_dir}"

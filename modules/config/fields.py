@@ -50,14 +50,21 @@ class Toggle:
 class PathInput:
     """A path typed or picked in a file dialog. `kind` says what the dialog picks
     ("file_or_folder" also takes other text, such as a Hugging Face repo id); with `must_exist`
-    the GUI refuses to start while a non-empty value names nothing on disk."""
+    the GUI refuses to start while a non-empty value names nothing on disk, and with `required`
+    (what to set it to) while it is empty, as the run itself would."""
 
     kind: Literal["folder", "file", "file_or_folder"]
     must_exist: bool = False
+    required: str = ""  # "a diffusers folder, ...": an empty value refuses Start
     suffixes: tuple[str, ...] = ()  # file types the dialog offers first, e.g. (".safetensors",)
 
 
 Widget = Toggle | PathInput
+
+
+def empty_message(key: str, wanted: str) -> str:
+    """What the run and the GUI say of a required path left empty."""
+    return f"{key} is empty: set it to {wanted}"
 
 
 @dataclass(frozen=True)

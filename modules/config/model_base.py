@@ -18,6 +18,8 @@ from modules.config.fields import PathInput, Section, option
 from modules.config.local_paths import LocalPath, LocalPathOrRepoId
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# what model.base_model may name, as an empty one's message says
+BASE_MODEL_KINDS = "a diffusers folder, repo id or .safetensors file"
 
 
 class ModelPartConfig(Section):
@@ -102,7 +104,7 @@ class FamilyModelConfig(Section):
         ".safetensors single-file checkpoint (pickled .ckpt files are refused).",
         tab="model",
         label="Base model",
-        widget=PathInput("file_or_folder", suffixes=(".safetensors",)),
+        widget=PathInput("file_or_folder", suffixes=(".safetensors",), required=BASE_MODEL_KINDS),
     )
     single_file_config: LocalPath = option(
         "",

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from modules.config.fields import empty_message
+from modules.config.model_base import BASE_MODEL_KINDS
 from modules.errors import UserError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
@@ -30,9 +32,7 @@ def load_from_source(
     """Call the loader that fits `model.base_model`: a folder, a single file, or else a repo id."""
     source = base_model.strip()
     if not source:
-        raise UserError(
-            "model.base_model is empty: set it to a diffusers folder, repo id or .safetensors file"
-        )
+        raise UserError(empty_message("model.base_model", BASE_MODEL_KINDS))
     path = Path(source).expanduser()
     if path.is_dir():
         return attempt("local diffusers folder", source, lambda: folder(path))

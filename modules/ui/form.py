@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modules.config.fields import empty_message
 from modules.config.loading import ConfigError, load_config
 from modules.config.schema import TrainConfig
 from modules.models.registry import FAMILIES
@@ -31,6 +32,7 @@ class Issue:
     key: str
     message: str
     tab: str | None = None
+    start_only: bool = False  # a required field left empty: the config reads, a run cannot start
 
 
 @dataclass(frozen=True)
@@ -209,9 +211,13 @@ class ConfigForm:
             else:
                 issues.append(Issue("", str(error)))
         for spec in self._by_key.values():
-            message = _missing_path(spec, spec.to_raw(self.get(spec.key)))
+            value = spec.to_raw(self.get(spec.key))
+            message = _missing_path(spec, value)
             if message:
                 issues.append(Issue(spec.key, message, spec.tab))
+            message = _empty_required(spec, value)
+            if message:
+                issues.append(Issue(spec.key, message, spec.tab, start_only=True))
         order = {key: n for n, key in enumerate(self._by_key)}
         return sorted(issues, key=lambda i: order.get(i.key, len(order)))
 
@@ -258,6 +264,16 @@ class ConfigForm:
         self._config = None
         for listener in list(self._listeners):
             listener(change)
+
+
+def _empty_required(spec: FieldSpec, value: Any) -> str | None:
+    """For a declared required path left empty: the run's own message."""
+    declared = spec.path_input
+    if spec.kind is not Kind.PATH or declared is None or not declared.required:
+        return None
+    if isinstance(value, str) and value.strip():
+        return None
+    return empty_message(spec.key, declared.required)
 
 
 def _missing_path(spec: FieldSpec, value: Any) -> str | None:

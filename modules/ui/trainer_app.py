@@ -101,8 +101,9 @@ class TrainerApp:
 
     def scan_data(self) -> list[Issue]:
         """Scan the concepts in the background (the report the CLI prints before training); the
-        worker reads the whole config, so every problem refuses it, as it refuses Start."""
-        problems = self.problems()
+        worker reads the whole config, so every problem refuses it as it refuses Start, except
+        an empty base model, which the scan does not read."""
+        problems = [problem for problem in self.problems() if not problem.start_only]
         if problems:
             return problems
         self.scan.start(self.form.config())
