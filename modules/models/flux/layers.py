@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from modules.lora.network import LoRATarget
-from modules.models.clip_layers import TEXT_ENCODER_PATTERNS, clip_kohya_path
 from modules.models.flux.config import FluxModelConfig
+from modules.models.lora_targets import lora_targets
 
 # Attention projections: the double blocks' image and text q/k/v and outputs, the single blocks'
 # q/k/v (diffusers' Flux DreamBooth LoRA default set)
@@ -39,22 +39,9 @@ def flux_lora_targets(
     layer_patterns: list[str],
 ) -> list[tuple[LoRATarget, list[str]]]:
     """The (target, patterns) list for LoRANetwork.inject: `modules` are the parts by name."""
-    targets = []
-    for spec in FluxModelConfig.part_specs():
-        if spec.name not in train_parts:
-            continue
-        if spec.text_encoder:  # CLIP-L (T5 is never trained)
-            target = LoRATarget(
-                part=spec.name,
-                kohya_prefix=spec.kohya_prefix,
-                model=modules[spec.name],
-                kohya_path=clip_kohya_path,
-            )
-            targets.append((target, TEXT_ENCODER_PATTERNS))
-        else:
-            patterns = layer_patterns or TRANSFORMER_LAYER_PRESETS[layer_preset]
-            target = LoRATarget(
-                part=spec.name, kohya_prefix=spec.kohya_prefix, model=modules[spec.name]
-            )
-            targets.append((target, patterns))
-    return targets
+    return lora_targets(
+        parts=FluxModelConfig.part_specs(),
+        modules=modules,
+        train_parts=train_parts,
+        denoiser_patterns=layer_patterns or TRANSFORMER_LAYER_PRESETS[layer_preset],
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from modules.lora.network import LoRATarget
-from modules.models.clip_layers import TEXT_ENCODER_PATTERNS, clip_kohya_path
+from modules.models.lora_targets import lora_targets
 from modules.models.sdxl.config import SDXLModelConfig
 
 _ATTENTION = r"re:\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
@@ -31,22 +31,9 @@ def sdxl_lora_targets(
     layer_patterns: list[str],
 ) -> list[tuple[LoRATarget, list[str]]]:
     """The (target, patterns) list for LoRANetwork.inject: `modules` are the parts by name."""
-    targets = []
-    for spec in SDXLModelConfig.part_specs():
-        if spec.name not in train_parts:
-            continue
-        if spec.text_encoder:
-            target = LoRATarget(
-                part=spec.name,
-                kohya_prefix=spec.kohya_prefix,
-                model=modules[spec.name],
-                kohya_path=clip_kohya_path,
-            )
-            targets.append((target, TEXT_ENCODER_PATTERNS))
-        else:
-            patterns = layer_patterns or UNET_LAYER_PRESETS[layer_preset]
-            target = LoRATarget(
-                part=spec.name, kohya_prefix=spec.kohya_prefix, model=modules[spec.name]
-            )
-            targets.append((target, patterns))
-    return targets
+    return lora_targets(
+        parts=SDXLModelConfig.part_specs(),
+        modules=modules,
+        train_parts=train_parts,
+        denoiser_patterns=layer_patterns or UNET_LAYER_PRESETS[layer_preset],
+    )
