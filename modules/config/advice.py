@@ -57,7 +57,7 @@ RULES = [
             and c.lora.damping_for("sgd") > 3 * SGD_DAMPING
         ),
         message=lambda c: (
-            f"lora.precondition_damping {c.lora.precondition_damping:g} with SGD: SGD converged "
+            f"lora.precondition_damping {c.lora.damping_for('sgd'):g} with SGD: SGD converged "
             f"best at {SGD_DAMPING:g} in docs/benchmarks.md (larger damping brings back the "
             "slowdown on ill-conditioned layers)"
         ),

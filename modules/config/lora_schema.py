@@ -85,8 +85,9 @@ class LoRAConfig(Section):
         "low-rank targets it reaches errors plain AdamW, SGD and Prodigy do not, over a wider "
         "band of learning rates, and it lets SGD train from the B = 0 start; on the tiny "
         "world's concept fine-tune it reached the target loss sooner than plain AdamW but ended "
-        "no lower, so it pays most with SGD-type optimizers and ill-conditioned updates; adaprelora was slower than riemannian on the "
-        "ill-conditioned problems. The README says what it costs.",
+        "no lower, so it pays most with SGD-type optimizers and ill-conditioned updates; "
+        "adaprelora was slower than riemannian on the ill-conditioned problems. The README says "
+        "what it costs.",
         tab="lora",
         label="Riemannian Preconditioning",
         widget=Toggle(off="none", on="riemannian"),

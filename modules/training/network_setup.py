@@ -20,8 +20,10 @@ from modules.util.dtypes import DTYPES
 def build_network(
     *, config: TrainConfig, family: ModelFamily, base: nn.Module, announce: bool
 ) -> LoRANetwork:
-    """The run's network in the training dtype, with the base set up to train through it;
-    `announce` prints what a continued file brought (the main process does)."""
+    """The run's network in the training dtype, with the base set up to train through it. With
+    `lora.init_from`: the file's layers at its own ranks, whichever trainer wrote it, plus new
+    layers for trained parts it has none of; `announce` prints what it brought (the main process
+    does)."""
     targets = family.lora_targets(base, config)
     layouts = family.lora_layouts(base)
     if config.lora.init_from:

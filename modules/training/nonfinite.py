@@ -14,7 +14,7 @@ import torch
 
 from modules.config.schema import TrainConfig
 from modules.errors import RunError
-from modules.lora.formats import layout_of
+from modules.lora.formats import layout_of, network_dim
 from modules.lora.network import LoRANetwork
 from modules.util.dtypes import DTYPES
 
@@ -29,6 +29,12 @@ def largest_magnitude(tensors: list[torch.Tensor]) -> float:
 
 def _where(last_backup: Path | None) -> str:
     return f"last good backup: {last_backup}" if last_backup else "no backup yet"
+
+
+def lora_scale(network: LoRANetwork) -> float:
+    """alpha / rank of most adapters, as the saved file states it (a continued file's own)."""
+    rank, alpha = network_dim(network)
+    return alpha / rank
 
 
 def _scale_setting(config: TrainConfig) -> tuple[str, str]:
@@ -76,7 +82,7 @@ def step_message(
     scale: float,
 ) -> str:
     """The stop message for a step whose loss or gradient is not finite; `scale` is the LoRA's
-    alpha / rank (most adapters', as the saved file states it)."""
+    alpha / rank (`lora_scale`)."""
     what = "loss" if not torch.isfinite(torch.tensor(loss)) else "gradient"
     if not weights_finite:
         what = "LoRA weights"

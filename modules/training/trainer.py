@@ -26,7 +26,6 @@ from modules.config.schema import TrainConfig
 from modules.data.pipeline import DataPipeline
 from modules.errors import RunError
 from modules.lora.formats import build_metadata, network_dim, save_lora
-from modules.lora.network import LoRANetwork
 from modules.models.placement import to_device_except
 from modules.models.registry import get_family
 from modules.sampling.sampler import write_comparison, write_samples
@@ -71,11 +70,6 @@ class RunResult:
     last_backup: Path | None
     comparison: Path | None = None  # the before/after grid, when written
     loss_curve: Path | None = None  # the loss curve PNG, when written
-
-
-def _scale(network: LoRANetwork) -> float:
-    rank, alpha = network_dim(network)
-    return alpha / rank
 
 
 def _every(step: int, interval: int) -> bool:
@@ -287,7 +281,7 @@ class TrainingRun:
                 updates_before=progress.step - 1 - progress.skipped_steps,
                 weights_finite=not nonfinite_tensors(self.network.state_dict()),
                 last_backup=self.last_backup,
-                scale=_scale(self.network),
+                scale=nonfinite.lora_scale(self.network),
             )
         )
 
