@@ -41,12 +41,12 @@ def arms(optimizers: tuple[str, ...] = ("adamw", "sgd")) -> list[Arm]:
     titles = {"adamw": "AdamW", "sgd": "SGD"}
     found = []
     for name in optimizers:
-        found.append(Arm(titles[name], name, {"optimizer": {"name": name}}))
+        found.append(Arm(name=titles[name], family=name, settings={"optimizer": {"name": name}}))
         found += [
             Arm(
-                f"{titles[name]} + Riemannian, damping {damping:g}",
-                name,
-                {
+                name=f"{titles[name]} + Riemannian, damping {damping:g}",
+                family=name,
+                settings={
                     "optimizer": {"name": name},
                     "lora": {"preconditioner": "riemannian", "precondition_damping": damping},
                 },
@@ -99,7 +99,7 @@ def section(records: dict[str, dict], experiment_arms: list[Arm]) -> str:
         + " against the plain optimizer, with AdamW and with SGD (momentum 0.9), through the "
         "convergence benchmark's harness and definitions.",
     ]
-    for name, record in records.items():
+    for name, record in sorted(records.items()):
         grouped = report.group_runs(report.finished_runs(record), name, experiment_arms)
         plan = record["plan"]
         if name == "E1":
@@ -132,14 +132,13 @@ def main() -> int:
 
     raw = REPO / "workspace" / "benchmarks" / f"damping{'-quick' if args.quick else ''}.json"
     experiment_arms = arms()
-    if args.report_only:
-        if not raw.is_file():
-            parser.error(f"no recorded runs in {raw}")
-        records = json.loads(raw.read_text(encoding="utf-8"))["experiments"]
-    else:
+    # the last run's curves of each experiment: --only keeps the other's, --report-only reads them
+    records = json.loads(raw.read_text(encoding="utf-8"))["experiments"] if raw.is_file() else {}
+    if args.report_only and not records:
+        parser.error(f"no recorded runs in {raw}")
+    if not args.report_only:
         torch.set_num_threads(1)  # as in each worker
         header = benchmark_header("scripts/benchmark_damping.py") + f" {args.workers} worker(s)."
-        records = {}
         for plan in plans(args.quick):
             if args.only not in (None, plan.name):
                 continue
