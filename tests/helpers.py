@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +69,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def default_sigint() -> None:
+    """For a child's preexec_fn: Ctrl-C at its default, as a user's terminal starts the CLI. An
+    ignored SIGINT is inherited through exec, and Python then leaves it ignored; the test
+    process may hold it ignored after other tests (seen under pytest-xdist in CI)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from modules.config.loading import load_config
 from modules.config.schema import CONFIG_VERSION
 from modules.util.library_notices import quiet_library_notices
 from tests.fault_helpers import file_size_limit_for_child
-from tests.helpers import REPO, cli_env, free_port, run_cli, tiny_config
+from tests.helpers import REPO, cli_env, default_sigint, free_port, run_cli, tiny_config
 
 
 def _write(path: Path, raw: dict) -> Path:
@@ -76,6 +76,7 @@ def test_ctrl_c_writes_a_backup_and_resume_finishes(
         text=True,
         env=cli_env(),
         cwd=REPO,
+        preexec_fn=default_sigint,
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 180
@@ -137,6 +138,7 @@ def test_ctrl_c_before_training_exits_130_without_traceback(
         text=True,
         env=cli_env(),
         cwd=REPO,
+        preexec_fn=default_sigint,
     )
     assert process.stdout is not None
     for line in process.stdout:
