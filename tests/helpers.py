@@ -73,8 +73,9 @@ def free_port() -> int:
 
 def default_sigint() -> None:
     """For a child's preexec_fn: Ctrl-C at its default, as a user's terminal starts the CLI. An
-    ignored SIGINT is inherited through exec, and Python then leaves it ignored; the test
-    process may hold it ignored after other tests (seen under pytest-xdist in CI)."""
+    ignored SIGINT is inherited through exec, and Python then leaves it ignored; a shell
+    without job control starts background commands (`make test &`) with SIGINT ignored, so
+    the test process may hold it so."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

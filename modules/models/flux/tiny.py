@@ -65,6 +65,26 @@ def scheduler_for(*, guidance_embeds: bool) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
+def factor4_vae(*, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """Flux.1's 16-channel VAE with three blocks instead of four: a factor of 4, so a 64 px
+    image is 16 x 16 latents and 8 x 8 packed tokens (the tiny test model's and the world's)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """Write a tiny Flux diffusers folder; `guidance_embeds=False` makes it [schnell]-shaped."""
     path = Path(path)
@@ -80,22 +100,7 @@ def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = 
         t5_encoder_config(vocab_size=len(tokenizer_2), d_model=T5_WIDTH)
     )
     transformer = FluxTransformer2DModel(**tiny_transformer_config(guidance_embeds=guidance_embeds))
-    # three blocks: a factor-4 VAE, so a 64 px image is 16x16 latents and 8x8 packed tokens
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=VAE_SCALE,
-        shift_factor=VAE_SHIFT,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = factor4_vae(scaling_factor=VAE_SCALE, shift_factor=VAE_SHIFT)
     path.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(path / "transformer")
     vae.save_pretrained(path / "vae")

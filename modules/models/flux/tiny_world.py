@@ -20,7 +20,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from modules.models.flux.tiny import FLUX_MODEL_INDEX, scheduler_for
+from modules.models.flux.tiny import FLUX_MODEL_INDEX, factor4_vae, scheduler_for
 from modules.models.sdxl.tiny_world import world_tokenizer
 from modules.models.tiny_text import character_t5_tokenizer
 
@@ -35,7 +35,6 @@ SINGLE_BLOCKS = 4  # 38 in Flux.1
 CLIP_MAX_TOKENS = 77
 # the T5 length the model was pretrained with: the world's captions are at most 16 T5 tokens
 T5_MAX_LENGTH = 32
-LATENT_SIZE = 16
 
 
 def build_text_encoders(clip_vocab: int, t5_vocab: int) -> tuple[CLIPTextModel, T5EncoderModel]:
@@ -92,22 +91,9 @@ def build_transformer() -> FluxTransformer2DModel:
 
 
 def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=4 * LATENT_SIZE,
-        # set from the trained encoder's latents (pretrain script), as Flux's 0.1159 / 0.3611
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    """Unnormalised: the pretrain script sets the shift and scaling from the trained encoder's
+    latents, as Flux.1's 0.1159 and 0.3611 were."""
+    return factor4_vae(scaling_factor=1.0, shift_factor=0.0)
 
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
