@@ -39,7 +39,7 @@ class SDXLWorld:
         "vae_steps": 2000,
         "vae_crop_steps": 1600,
         "images": 20000,
-        "unet_steps": 4000,
+        "unet_steps": 8000,
         "lr": 1e-3,
         "caption_dropout": 0.1,
     }

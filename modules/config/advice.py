@@ -19,7 +19,7 @@ from modules.config.schema import TrainConfig
 ADAM_TYPE = ("adamw", "adamw_8bit", "prodigy")
 MEASURED_OPTIMIZERS = ("adamw", "sgd", "prodigy")  # in the convergence benchmark
 # SGD + Riemannian with momentum 0.9: the largest grid learning rate that converged in both
-# experiments (the next, 1, diverged on every E1 problem; E2 diverged from 3.16)
+# experiments (the next, 1, diverged on every E1 problem and on E2 at rank 32)
 SGD_PRECONDITIONED_MAX_LR = 0.316
 # SGD + Riemannian: damping measured best with SGD, its default (the damping table)
 SGD_DAMPING = DEFAULT_DAMPING["sgd"]

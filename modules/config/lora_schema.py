@@ -84,8 +84,8 @@ class LoRAConfig(Section):
         "the plain optimizer. Measured (docs/benchmarks.md, Convergence): on ill-conditioned "
         "low-rank targets it reaches errors plain AdamW, SGD and Prodigy do not, over a wider "
         "band of learning rates, and it lets SGD train from the B = 0 start; on the tiny "
-        "world's concept fine-tune it reached the target loss sooner than plain AdamW but ended "
-        "no lower, so it pays most with SGD-type optimizers and ill-conditioned updates; "
+        "world's concept fine-tune it ended level with or slightly above plain AdamW, so it "
+        "pays most with SGD-type optimizers and ill-conditioned updates; "
         "adaprelora was slower than riemannian on the ill-conditioned problems. The README says "
         "what it costs.",
         tab="lora",
