@@ -179,8 +179,9 @@ def test_unknown_kind_is_refused() -> None:
 
 def test_cli_output_stays_free_of_torchao_import_noise() -> None:
     """Loading torchao (diffusers imports it when installed) logs CUDA-library load failures on
-    CPU machines, a torch deprecation of its enums and a diffusers note on torchao checkpoints;
-    none concerns Geodesic's weight-only use, and the CLI's notice filter drops them."""
+    CPU machines, a torch deprecation of its enums and a diffusers note on torchao checkpoints,
+    and bitsandbytes (imported alongside) a missing optional CPU kernel; none concerns
+    Geodesic's weight-only use, and the CLI's notice filter drops them."""
     code = (
         "import logging\n"
         "logging.basicConfig(level=logging.INFO)\n"

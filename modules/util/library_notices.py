@@ -10,7 +10,10 @@ Each appears at the top of every run and sends users after problems they do not 
   libraries as failing to load on machines without CUDA, that Triton is missing, and torch
   deprecates how it registers two enums; diffusers adds that it cannot import torchao classes
   for loading torchao-serialized checkpoints. Geodesic uses torchao's weight-only int8 / fp8,
-  which need none of these kernels, and loads no torchao checkpoints.
+  which need none of these kernels, and loads no torchao checkpoints;
+- bitsandbytes on a machine without CUDA reports that its optional CPU 4-bit matmul kernel,
+  fetched from the Hugging Face hub by the `kernels` package, is missing. Its own CPU path
+  serves the rare nf4 run on a CPU, and training runs offline.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ DROPPED = {
     "torchao.kernel.intmm": "Detected no triton",
     "torch.utils._pytree": "is an Enum subclass and is now natively supported",
     "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor",
+    "bitsandbytes.backends.cpu.ops": "from kernels-community",
 }
 
 
