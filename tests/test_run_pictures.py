@@ -132,3 +132,34 @@ def test_render_prompts_leaves_the_training_rng_alone(tiny_sdxl_path: Path):
     sampling = SamplingConfig(prompts=["a red circle"], steps=1)
     render_prompts(family=family, base=base, config=sampling, resolution=64)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_smoothed_loss_is_the_bias_corrected_average(tmp_path: Path):
+    """The smoothed curve (progress bar, TensorBoard, loss.png, the GUI) weighs every step's loss
+    by smoothing^age over the weights' sum, so a large first loss does not hold the curve up for
+    dozens of steps."""
+    from tqdm import tqdm
+
+    from modules.training.gradient_pipeline import StepOutcome
+    from modules.training.run_log import RunLog
+
+    losses = [0.09, 0.02, 0.01, 0.03, 0.02, 0.015]
+    log = RunLog(
+        logs_dir=tmp_path / "logs",
+        total_steps=len(losses),
+        initial_step=0,
+        enabled=True,
+        bar_factory=lambda **kw: tqdm(disable=True, **kw),
+        smoothing=0.9,
+    )
+    for step, loss in enumerate(losses, start=1):
+        outcome = StepOutcome(loss=loss, grad_norm=1.0, applied=True, finite=True)
+        log.step(step=step, epoch=0, outcome=outcome, lrs={"lora": 1e-3}, skipped=0)
+    log.close()
+    logged = read_scalars(tmp_path / "logs", ["loss/train_smoothed"])["loss/train_smoothed"]
+    for step in range(1, len(losses) + 1):
+        ages = np.arange(step - 1, -1, -1, dtype=np.float64)
+        weights = 0.9**ages
+        expected = float((weights * np.array(losses[:step])).sum() / weights.sum())
+        assert abs(logged[step] - expected) < 1e-6
+    assert logged[2] < 0.06  # the plain EMA started at the first loss would read 0.083

@@ -29,6 +29,11 @@ class RunLog:
         self.enabled = enabled
         self.smoothing = smoothing
         self.smoothed: float | None = None
+        # a zero-started average and its weight: their ratio is the bias-corrected EMA, so the
+        # first losses (a random first timestep's loss can be several times the typical one)
+        # weigh as much as later ones instead of anchoring the curve for dozens of steps
+        self._average = 0.0
+        self._weight = 0.0
         self.total_steps = total_steps
         self.on_event = on_event
         self.seconds_per_step: float | None = None
@@ -54,11 +59,9 @@ class RunLog:
             return
         if outcome.finite:
             loss = outcome.loss
-            self.smoothed = (
-                loss
-                if self.smoothed is None
-                else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
-            )
+            self._average = self.smoothing * self._average + (1 - self.smoothing) * loss
+            self._weight = self.smoothing * self._weight + (1 - self.smoothing)
+            self.smoothed = self._average / self._weight
             self.writer.add_scalar("loss/train", loss, step)
             self.writer.add_scalar("loss/train_smoothed", self.smoothed, step)
             self.writer.add_scalar("grad_norm", outcome.grad_norm, step)
