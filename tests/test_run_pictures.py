@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from modules.config.advice import advice
 from modules.config.loading import load_config
 from modules.config.schema import SamplingConfig, TrainConfig
 from modules.models.registry import get_family
 from modules.sampling.sampler import render_prompts
+from modules.training.gradient_pipeline import StepOutcome
 from modules.training.loss_curve import read_scalars
+from modules.training.run_log import RunLog
 from modules.training.trainer import TrainingRun, train
 from tests.helpers import StopAtStep, run_cli, tiny_config
 
@@ -138,11 +141,6 @@ def test_smoothed_loss_is_the_bias_corrected_average(tmp_path: Path):
     """The smoothed curve (progress bar, TensorBoard, loss.png, the GUI) weighs every step's loss
     by smoothing^age over the weights' sum, so a large first loss does not hold the curve up for
     dozens of steps."""
-    from tqdm import tqdm
-
-    from modules.training.gradient_pipeline import StepOutcome
-    from modules.training.run_log import RunLog
-
     losses = [0.09, 0.02, 0.01, 0.03, 0.02, 0.015]
     log = RunLog(
         logs_dir=tmp_path / "logs",
