@@ -29,6 +29,9 @@ from tests.helpers import TinyModel
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# the trainer window for the GUI tests (test_gui_window.py, test_gui_runs.py)
+pytest_plugins = ["tests.gui_window_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,12 +1,11 @@
-"""The trainer window under a display (Xvfb): the LoRA tab's switch, presets, invalid input,
-and runs started, stopped and resumed from it. One window per test process (Tk allows one
-root), reset between tests; a Tk callback error fails the test that caused it."""
+"""The trainer window's config side under a display (Xvfb): the LoRA tab's switch, presets
+round-tripping, the family switch, concepts, invalid input, user presets and the data scan.
+Runs started from the window are tests/test_gui_runs.py; the window is
+tests/gui_window_fixtures.py's."""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,122 +15,14 @@ from modules.config.loading import load_config
 from modules.config.schema import TrainConfig
 from modules.data.scan import ScanIndex, scan_concepts
 from modules.errors import UserError
-from modules.lora.formats import read_lora_metadata
 from modules.models.registry import FAMILIES
 from modules.ui.fields import FieldSpec
-from modules.ui.presets import PresetLibrary
-from tests.helpers import REPO, run_cli, tiny_config
+from tests.gui_window_fixtures import load_through_button, pump, tiny_preset, type_into
+from tests.helpers import REPO, run_cli
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh")]
 
 PRESETS = sorted((REPO / "training_presets").glob("*.json"))
-
-
-@pytest.fixture(scope="session")
-def display() -> Iterator[str]:
-    """$DISPLAY when set, else a private Xvfb; skips where neither exists."""
-    from modules.ui.ctk.display import NoDisplayError, virtual_display
-
-    try:
-        with virtual_display() as name:
-            yield name
-    except NoDisplayError as error:
-        pytest.skip(f"{error}; .ci/run installs Xvfb")
-
-
-class Answers:
-    """Stands in for the desktop's file and name dialogs."""
-
-    def __init__(self) -> None:
-        self.next_path: str | None = None
-        self.next_text: str | None = None
-
-    def open_config(self, parent: Any) -> str | None:
-        return self.next_path
-
-    def save_config(self, parent: Any) -> str | None:
-        return self.next_path
-
-    def path(self, parent: Any, what: Any, current: str) -> str | None:
-        return self.next_path
-
-    def text(self, parent: Any, *, title: str, prompt: str) -> str | None:
-        return self.next_text
-
-
-@pytest.fixture(scope="module")
-def window(display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    try:
-        from modules.ui.ctk.launch import WindowError, open_window
-    except ImportError as error:  # a Python built without tkinter
-        pytest.skip(f"no tkinter: {error}")
-    presets = PresetLibrary(user_dir=tmp_path_factory.mktemp("user-presets"))
-    try:
-        window = open_window(presets=presets, estimate_memory=False)
-    except WindowError as error:
-        pytest.skip(str(error))
-    window.questions = Answers()
-    window.callback_errors = []
-    window.report_callback_exception = lambda *info: window.callback_errors.append(info)
-    window.build_all()
-    yield window
-    window.app.shutdown(timeout=30)
-    window.destroy()
-
-
-@pytest.fixture(autouse=True)
-def fresh(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each test starts from the defaults with no dialog open, and ends without a Tk error."""
-    if "window" not in request.fixturenames:
-        yield
-        return
-    window = request.getfixturevalue("window")
-    window.app.form.load(TrainConfig())
-    pump(window)
-    yield
-    for dialog in list(window.messages):
-        dialog.destroy()
-    window.messages.clear()
-    errors = list(window.callback_errors)
-    window.callback_errors.clear()
-    assert not errors, f"Tk callback error: {errors[0][1]!r}"
-
-
-def pump(window: Any, until: Callable[[], bool] | None = None, timeout: float = 5) -> None:
-    """Run the event loop (after callbacks, redraws) until `until()`, or for a moment."""
-    deadline = time.monotonic() + (timeout if until is not None else 0.05)
-    while True:
-        window.update()
-        if until is not None and until():
-            return
-        if time.monotonic() > deadline:
-            assert until is None, "timed out waiting for the window"
-            return
-        time.sleep(0.02)
-
-
-def type_into(window: Any, field: Any, text: str) -> None:
-    """Replace an entry's text as typing does (through the widget, not the form)."""
-    field.widget.delete(0, "end")
-    field.widget.insert(0, text)
-    pump(window)
-
-
-def tiny_preset(tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path, **sections: Any):
-    raw = tiny_config(tiny_sdxl_path, tiny_dataset_path, tmp_path / "ws", **sections)
-    raw["data"]["workers"] = 0
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(raw))
-    return path
-
-
-def load_through_button(window: Any, path: Path) -> None:
-    window.questions.next_path = str(path)
-    window.load_button.invoke()
-    pump(window)
-
-
-# -- the config ---------------------------------------------------------------------------------
 
 
 def test_riemannian_tick_in_the_lora_tab_exports_for_the_cli(window: Any, tmp_path: Path) -> None:
@@ -345,153 +236,6 @@ def test_invalid_values_are_marked_and_start_is_refused(
     cli = run_cli("--config-path", str(raw))
     assert cli.returncode == 2
     assert cli.stderr.strip().splitlines()[-1] == f"error: {folder.messages[0]}"
-
-
-# -- running ------------------------------------------------------------------------------------
-
-
-def wait_for_run(window: Any, timeout: float = 300) -> None:
-    pump(window, until=lambda: not window.app.run.running, timeout=timeout)
-    pump(window)
-
-
-def test_a_run_error_is_a_dialog_then_the_next_run_finishes(
-    window: Any, tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
-) -> None:
-    """A base model that is not there fails in the run (not before Start): the window shows the
-    CLI's line and stays usable; with the path fixed, the next run trains to the end."""
-    preset = tiny_preset(
-        tmp_path,
-        tmp_path / "no-model",
-        tiny_dataset_path,
-        sampling={"prompts": ["a red circle", "a blue square"], "steps": 2, "at_end": True},
-        training={"max_steps": 4},
-    )
-    load_through_button(window, preset)
-    panel = window.panel
-    panel.start_button.invoke()
-    pump(window)
-    assert window.app.run.running and panel.start_button.cget("state") == "disabled"
-    wait_for_run(window)
-    (dialog,) = window.messages
-    assert dialog.title() == "The run stopped with an error"
-    assert "no-model" in dialog.message and "\n" not in dialog.message
-    assert panel.status_lines[0] == f"error: {dialog.message}"
-    assert panel.start_button.cget("state") == "normal"
-    dialog.buttons["OK"].invoke()
-    pump(window)
-    assert not window.messages
-
-    type_into(window, window.show_tab("model").inputs["model.base_model"], str(tiny_sdxl_path))
-    panel.start_button.invoke()
-    wait_for_run(window)
-    assert not window.messages, window.messages[0].message
-    workspace = tmp_path / "ws"
-    assert (workspace / "test-lora.safetensors").is_file()
-    assert panel.progress_bar.get() == 1.0
-    assert panel.summary.cget("text").startswith("step 4/4 · loss ")
-    folder = workspace / "samples" / "000004"
-    assert panel.samples.shown == (folder / "00.png", folder / "01.png")
-    assert all(path.is_file() for path in panel.samples.shown)
-    assert panel.samples.title.cget("text") == "Samples at step 4"
-    # the plot catches up within its redraw interval
-    pump(window, until=lambda: len(panel.plot.smoothed.get_xdata()) == 4)
-    assert list(panel.plot.smoothed.get_xdata()) == [1, 2, 3, 4]
-    assert panel.status_lines[0] == (
-        f"finished after 4 steps; LoRA: {workspace / 'test-lora.safetensors'}"
-    )
-    assert any(line.startswith("data: 4 images") for line in panel.status_lines)
-
-
-def test_flux_chosen_in_the_window_trains_through_the_same_run(
-    window: Any,
-    tmp_path: Path,
-    tiny_sdxl_path: Path,
-    tiny_flux_path: Path,
-    tiny_dataset_path: Path,
-) -> None:
-    """An SDXL config loaded, then flux chosen in the family menu and its model set up in the
-    Model tab's inputs: Start trains a Flux LoRA (progress, samples) as it trains SDXL's."""
-    preset = tiny_preset(
-        tmp_path,
-        tiny_sdxl_path,
-        tiny_dataset_path,
-        sampling={"prompts": ["a red circle"], "steps": 2, "at_end": True},
-        training={"max_steps": 3},
-    )
-    load_through_button(window, preset)
-    window.show_tab("model").inputs["model.family"].widget._dropdown_callback("flux")
-    pump(window)
-    model = window.tabs["model"]
-    assert model.inputs["model.base_model"].var.get() == ""  # SDXL's model is not Flux's
-    type_into(window, model.inputs["model.base_model"], str(tiny_flux_path))
-    type_into(window, model.inputs["model.t5_max_length"], "16")  # fast steps on the CPU
-    for part in FAMILIES["flux"][0].part_specs():
-        model.inputs[f"model.{part.name}.weight_dtype"].widget._dropdown_callback("float32")
-    pump(window)
-    assert window.app.problems() == []
-    config = window.app.form.config()
-    assert config.model.family == "flux" and config.model.trained_parts() == ["transformer"]
-
-    panel = window.panel
-    panel.start_button.invoke()
-    wait_for_run(window)
-    assert not window.messages, window.messages[0].message
-    workspace = tmp_path / "ws"
-    lora = workspace / "test-lora.safetensors"
-    assert read_lora_metadata(lora)["ss_base_model_version"] == "flux1"
-    assert load_config(workspace / "config.json") == config
-    assert panel.progress_bar.get() == 1.0
-    assert panel.summary.cget("text").startswith("step 3/3 · loss ")
-    assert panel.samples.shown == (workspace / "samples" / "000003" / "00.png",)
-    assert panel.status_lines[0] == f"finished after 3 steps; LoRA: {lora}"
-
-
-def test_stop_writes_a_backup_and_resume_finishes(
-    window: Any, tmp_path: Path, tiny_sdxl_path: Path, tiny_dataset_path: Path
-) -> None:
-    preset = tiny_preset(
-        tmp_path,
-        tiny_sdxl_path,
-        tiny_dataset_path,
-        sampling={"prompts": ["a red circle"], "steps": 2, "at_end": False},
-        training={"max_steps": 1000},
-    )
-    load_through_button(window, preset)
-    panel = window.panel
-    panel.start_button.invoke()
-    pump(window, until=lambda: window.app.run.progress.step >= 1, timeout=300)
-    assert panel.sample_button.cget("state") == "normal"
-    panel.sample_button.invoke()
-    panel.backup_button.invoke()
-    progress = window.app.run.progress
-    pump(window, until=lambda: panel.samples.shown and progress.last_backup, timeout=120)
-    assert progress.last_backup.parent == tmp_path / "ws" / "backups"
-    panel.stop_button.invoke()
-    wait_for_run(window)
-    progress = window.app.run.progress
-    assert progress.state == "stopped" and 1 <= progress.step < 1000
-    backups = sorted((tmp_path / "ws" / "backups").iterdir())
-    assert (
-        backups[-1]
-        == progress.last_backup
-        == tmp_path / "ws" / "backups" / (f"step-{progress.step:06d}")
-    )
-    assert (backups[-1] / "state.pt").is_file()
-    assert panel.status_lines[:2] == [
-        f"stopped at step {progress.step}; backup: {backups[-1]}",
-        "Resume continues from the newest backup.",
-    ]
-    assert not (tmp_path / "ws" / "test-lora.safetensors").exists()
-
-    stopped = progress.step
-    type_into(window, window.show_tab("training").inputs["training.max_steps"], str(stopped + 2))
-    panel.resume_button.invoke()
-    wait_for_run(window)
-    assert not window.messages, window.messages[0].message
-    assert window.app.run.progress.state == "finished"
-    assert window.app.run.progress.step == stopped + 2 and panel.progress_bar.get() == 1.0
-    assert (tmp_path / "ws" / "test-lora.safetensors").is_file()
 
 
 def test_user_presets_are_saved_offered_and_deleted(window: Any) -> None:
