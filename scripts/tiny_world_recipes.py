@@ -118,8 +118,8 @@ class FluxWorld:
     defaults: ClassVar[dict] = {
         "vae_steps": 2000,
         "vae_crop_steps": 1600,
-        "images": 8000,
-        "unet_steps": 5600,
+        "images": 20000,
+        "unet_steps": 10000,
         "lr": 1e-3,
         "caption_dropout": 0.0,
     }

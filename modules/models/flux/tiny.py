@@ -65,9 +65,12 @@ def scheduler_for(*, guidance_embeds: bool) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
-def factor4_vae(*, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    """Flux.1's 16-channel VAE with three blocks instead of four: a factor of 4, so a 64 px
-    image is 16 x 16 latents and 8 x 8 packed tokens (the tiny test model's and the world's)."""
+def factor4_vae(
+    *, scaling_factor: float, shift_factor: float, latent_channels: int = LATENT_CHANNELS
+) -> AutoencoderKL:
+    """Flux.1's VAE (16 channels unless told otherwise) with three blocks instead of four: a
+    factor of 4, so a 64 px image is 16 x 16 latents and 8 x 8 packed tokens (the tiny test
+    model's and the world's)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -75,7 +78,7 @@ def factor4_vae(*, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,

@@ -4,8 +4,9 @@
 `resources/tiny-world-flux` in FLUX.1 [dev]'s diffusers folder layout, which
 `modules/models/flux/loading.py` loads like a user's model. Everything Flux.1 has is here at a
 small scale: a transformer of double-stream and single-stream blocks with rotary positions and
-[dev]'s embedded guidance, a 16-channel VAE with Flux's shift and scaling (factor 4 instead of 8,
-so 64 px images make 16 x 16 latents, 64 packed tokens), CLIP-L's pooled vector and T5's token
+[dev]'s embedded guidance, a VAE with Flux's shift and scaling (factor 4 instead of 8, so 64 px
+images make 16 x 16 latents, 64 packed tokens; 4 latent channels instead of 16, see
+`LATENT_CHANNELS`), CLIP-L's pooled vector and T5's token
 embeddings as the text conditioning, and their tokenizers. The CLIP tokenizer is the SDXL world's
 (`world_tokenizer`: one token per world word); the T5 tokenizer is a SentencePiece-style Unigram
 tokenizer whose pieces are the world's words (each one token) and single characters (any other
@@ -26,7 +27,10 @@ from modules.models.tiny_text import character_t5_tokenizer
 
 CLIP_WIDTH = 32  # CLIP-L's place (768): its pooled output is the transformer's vector input
 T5_WIDTH = 64  # T5-XXL's place (4096): the transformer's text tokens
-LATENT_CHANNELS = 16  # as Flux.1's VAE: packed 2x2, the transformer sees 64 channels
+# 4, not Flux.1's 16: packed 2x2 that is a 16-wide token in the 96-wide transformer, which passes
+# the noise through to its output (Flux.1: 64 of 3072). The 16-channel world models drew the
+# asked colour and place but every shape as a blob; this one draws the shapes (docs/benchmarks.md)
+LATENT_CHANNELS = 4
 HEADS = 4  # 24 in Flux.1
 HEAD_DIM = 24  # 128 in Flux.1; the rotary axes split it as (16, 56, 56) does 128
 AXES_DIMS_ROPE = (4, 10, 10)
@@ -93,7 +97,7 @@ def build_transformer() -> FluxTransformer2DModel:
 def build_vae() -> AutoencoderKL:
     """Unnormalised: the pretrain script sets the shift and scaling from the trained encoder's
     latents, as Flux.1's 0.1159 and 0.3611 were."""
-    return factor4_vae(scaling_factor=1.0, shift_factor=0.0)
+    return factor4_vae(scaling_factor=1.0, shift_factor=0.0, latent_channels=LATENT_CHANNELS)
 
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
