@@ -6,8 +6,8 @@
 small scale: a transformer of double-stream and single-stream blocks with rotary positions and
 [dev]'s embedded guidance, a VAE with Flux's shift and scaling (factor 4 instead of 8, so 64 px
 images make 16 x 16 latents, 64 packed tokens; 4 latent channels instead of 16, see
-`LATENT_CHANNELS`), CLIP-L's pooled vector and T5's token
-embeddings as the text conditioning, and their tokenizers. The CLIP tokenizer is the SDXL world's
+`LATENT_CHANNELS`), CLIP-L's pooled vector and T5's token embeddings as the text conditioning,
+and their tokenizers. The CLIP tokenizer is the SDXL world's
 (`world_tokenizer`: one token per world word); the T5 tokenizer is a SentencePiece-style Unigram
 tokenizer whose pieces are the world's words (each one token) and single characters (any other
 text, a trigger word included, is spelled in characters).
